@@ -1,0 +1,287 @@
+"""The `mptc` command line. Every user error prints a located message and exits 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MptcError
+
+EPILOG = """\
+SRC is a spec file (.mpt; weights initialised from --seed) or a model dir
+(model.mpt + weights.safetensors, as written by `mptc compile SPEC -o DIR`).
+
+examples:
+  mptc check examples/gpt2-small.mpt
+  mptc summary examples/llama-style.mpt
+  mptc compile examples/gpt2-small.mpt -o out/gpt2            # model dir
+  mptc compile out/gpt2 -o out/gpt2.onnx                       # ONNX from its weights
+  mptc run out/gpt2 --ids "464 2068 7586" --onnx out/gpt2.onnx --compare
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mptc",
+        description="Compile transformer architecture specs to PyTorch (torch.fx), ONNX and .pt2.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    c = sub.add_parser("check", help="parse and validate a spec", description="Parse and validate a spec; "
+                       "print a one-line summary, or the first error with its position.")
+    c.add_argument("spec", metavar="SRC")
+
+    c = sub.add_parser("fmt", help="format a spec file", description="Print a spec in the house style "
+                       "(constants, arithmetic and comments kept).")
+    c.add_argument("spec", metavar="SPEC")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--check", action="store_true", help="exit 1 if the file is not formatted; change nothing")
+    g.add_argument("--write", action="store_true", help="rewrite the file in place")
+    g.add_argument("--canonical", action="store_true",
+                   help="print the canonical spec instead: every field explicit, constants evaluated")
+
+    c = sub.add_parser("summary", help="parameters and FLOPs per layer",
+                       description="Parameters and FLOPs per token, per layer and in total, computed on the "
+                       "meta device (nothing is allocated). FLOPs: see docs/language.md.")
+    c.add_argument("spec", metavar="SRC")
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    c = sub.add_parser("compile", help="compile to a model dir, .onnx or .pt2",
+                       description="Compile SRC. OUT ending in .onnx gives an ONNX file (checked with "
+                       "onnx.checker), .pt2 a torch.export program, anything else a model dir.")
+    c.add_argument("spec", metavar="SRC")
+    c.add_argument("-o", "--output", required=True, metavar="OUT")
+    c.add_argument("--seed", type=int, default=0, help="weight initialisation seed for a spec file (default 0)")
+    c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    c.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+
+    c = sub.add_parser("run", help="run a model on inputs",
+                       description="Run SRC in PyTorch, or an ONNX file in ONNX Runtime, and print the output's "
+                       "shape and top predictions.")
+    c.add_argument("spec", metavar="SRC")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ids", help='token ids, e.g. "464 2068 7586" (one sequence)')
+    g.add_argument("--ids-file", metavar="X.npy", help="token ids as a (B, T) or (T,) integer array")
+    g.add_argument("--pixels-file", metavar="X.npy", help="images as a (B, C, H, W) float array")
+    g.add_argument("--random", type=int, metavar="B", help="a random batch of B inputs (from --seed)")
+    c.add_argument("--mask-file", metavar="M.npy", help="attention_mask (B, T) of 1 (token) and 0 (padding)")
+    c.add_argument("--onnx", metavar="FILE", help="run this ONNX file in ONNX Runtime instead of PyTorch")
+    c.add_argument("--compare", action="store_true",
+                   help="with --onnx: run both and exit 1 unless they agree within --tol")
+    c.add_argument("--tol", type=float, default=1e-4, help="max abs difference for --compare (default 1e-4)")
+    c.add_argument("-o", "--output", metavar="OUT.npy", help="save the output array")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--top", type=int, default=5, help="how many top predictions to print (default 5)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except MptcError as e:
+        print(e.render(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_check(args) -> int:
+    from .model import load
+    from .summary import human, summarize
+
+    spec = load(args.spec)
+    s = summarize(spec)
+    print(f"ok: {spec.name}: {spec.n_layers} layers, width {spec.width}, {human(s.params)} parameters")
+    return 0
+
+
+def cmd_fmt(args) -> int:
+    from .atomic import atomic_file
+    from .model import load
+    from .printer import format_source
+    from .syntax import parse_file
+
+    if args.canonical:
+        sys.stdout.write(str(load(args.spec)))
+        return 0
+    path = Path(args.spec)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise MptcError(f"cannot read {path}: {e.strerror}") from None
+    load(path)  # a file that does not check is not formatted
+    out = format_source(parse_file(text, str(path)))
+    if args.check:
+        if out != text:
+            print(f"{path}: would reformat", file=sys.stderr)
+            return 1
+        return 0
+    if args.write:
+        if out != text:
+            with atomic_file(path) as tmp:
+                tmp.write_text(out)
+        return 0
+    sys.stdout.write(out)
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from .model import load
+    from .summary import human, summarize
+
+    s = summarize(load(args.spec))
+    if args.json:
+        print(json.dumps(s.to_json(), indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{s.name}: {human(s.params)} parameters, {human(s.flops_per_token)} FLOPs/token "
+              f"(context {s.context})", title_justify="left")
+    t.add_column("part")
+    t.add_column("params", justify="right")
+    t.add_column("FLOPs/token", justify="right")
+    t.add_column("shapes")
+    for part in (s.embed, *s.layers, s.head):
+        shapes = part.desc + "\n" + ", ".join(f"{_short(k)} {tuple(v)}" for k, v in part.tensors.items())
+        t.add_row(part.name, f"{part.params:,}", f"{part.flops_per_token:,}", shapes)
+    t.add_row("total", f"{s.params:,}", f"{s.flops_per_token:,}", "", style="bold")
+    Console().print(t)
+    return 0
+
+
+def _short(name: str) -> str:
+    """`layers.3.attn.q.weight` → `attn.q.weight`; `embed.tokens.weight` → `tokens.weight`."""
+    parts = name.split(".")
+    return ".".join(parts[2:] if parts[0] == "layers" else parts[1:])
+
+
+def cmd_compile(args) -> int:
+    from .export import export_onnx, export_pt2
+    from .model import load_model, save
+
+    model = load_model(args.spec, seed=args.seed, dtype=args.dtype)
+    out = args.output
+    if out.endswith(".onnx"):
+        export_onnx(model, out, opset=args.opset)
+    elif out.endswith(".pt2"):
+        export_pt2(model, out)
+    else:
+        save(model, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _inputs(args, spec) -> dict[str, np.ndarray]:
+    from .export import example_inputs
+
+    if args.random is not None:
+        if args.random < 1:
+            raise MptcError("--random needs a batch size of at least 1")
+        return {k: v.numpy() for k, v in example_inputs(spec, args.random, 16, seed=args.seed).items()}
+    if spec.patches is not None:
+        if not args.pixels_file:
+            raise MptcError(f"model '{spec.name}' reads images", hint="pass --pixels-file X.npy or --random B")
+        px = _npy(args.pixels_file).astype(np.float32)
+        p = spec.patches
+        if px.ndim != 4 or px.shape[1:] != (p.channels, p.image, p.image):
+            raise MptcError(f"{args.pixels_file}: pixel_values must have shape (B, {p.channels}, {p.image}, "
+                            f"{p.image}), got {px.shape}")
+        return {"pixel_values": px}
+    if args.pixels_file:
+        raise MptcError(f"model '{spec.name}' reads token ids", hint="pass --ids or --ids-file")
+    if args.ids is not None:
+        try:
+            ids = np.array([[int(t) for t in args.ids.replace(",", " ").split()]], dtype=np.int64)
+        except ValueError:
+            raise MptcError(f"--ids must be whole numbers separated by spaces, got {args.ids!r}") from None
+    else:
+        ids = _npy(args.ids_file)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise MptcError(f"{args.ids_file}: token ids must be integers, got {ids.dtype}")
+        ids = ids.astype(np.int64)
+        ids = ids[None] if ids.ndim == 1 else ids
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise MptcError(f"token ids must be a (B, T) array with T ≥ 1, got shape {ids.shape}")
+    bad = np.argwhere((ids < 0) | (ids >= spec.vocab))
+    if len(bad):
+        b, t = bad[0]
+        raise MptcError(f"token id {ids[b, t]} at position {t} (row {b}) is outside the vocabulary 0..{spec.vocab - 1}")
+    if spec.seq_len is not None and ids.shape[1] > spec.seq_len:
+        raise MptcError(f"{ids.shape[1]} tokens exceed the model's context of {spec.seq_len}")
+    mask = np.ones_like(ids)
+    if args.mask_file:
+        mask = _npy(args.mask_file).astype(np.int64)
+        mask = mask[None] if mask.ndim == 1 else mask
+        if mask.shape != ids.shape:
+            raise MptcError(f"{args.mask_file}: attention_mask has shape {mask.shape}, the ids {ids.shape}")
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _npy(path: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise MptcError(f"cannot read {path} as a .npy array: {e}") from None
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from .atomic import atomic_file
+    from .export import run_onnx
+    from .model import load, load_model
+
+    if args.compare and not args.onnx:
+        raise MptcError("--compare needs --onnx FILE (it compares PyTorch with ONNX Runtime)")
+    spec = load(args.spec)
+    feed = _inputs(args, spec)
+    torch_out = None
+    if args.onnx is None or args.compare:
+        model = load_model(args.spec, seed=args.seed).eval()
+        with torch.no_grad():
+            torch_out = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
+    out = torch_out
+    if args.onnx:
+        if not Path(args.onnx).is_file():
+            raise MptcError(f"no such ONNX file: {args.onnx}")
+        out = run_onnx(args.onnx, feed)
+    engine = "ONNX Runtime" if args.onnx else "PyTorch"
+    print(f"{spec.name} ({engine}): {spec.output} {tuple(out.shape)}")
+    _print_top(spec, out, args.top)
+    if args.output:
+        with atomic_file(args.output) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, out)
+        print(f"wrote {args.output}")
+    if args.compare:
+        diff = float(np.abs(out.astype(np.float64) - torch_out.astype(np.float64)).max())
+        ok = diff <= args.tol
+        print(f"PyTorch vs ONNX Runtime: max abs diff {diff:.3g} ({'agree' if ok else 'DIFFER'}, tol {args.tol:g})")
+        return 0 if ok else 1
+    return 0
+
+
+def _print_top(spec, out: np.ndarray, k: int) -> None:
+    if spec.head.kind == "none" or k <= 0:
+        return
+    last = out[:, -1] if out.ndim == 3 else out  # (B, V) next-token logits, or (B, C)
+    what = "next tokens" if out.ndim == 3 else "classes"
+    for b, row in enumerate(last[:8]):
+        top = np.argsort(-row)[:k]
+        items = ", ".join(f"{i} ({row[i]:.3f})" for i in top)
+        print(f"  row {b}: top {what} {items}")
+
+
+COMMANDS = {"check": cmd_check, "fmt": cmd_fmt, "summary": cmd_summary, "compile": cmd_compile, "run": cmd_run}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Lower a Spec to a torch.fx GraphModule of primitive ops.
+
+Every node carries `node.meta["mptc"]` (a `NodeInfo`): the layer it belongs to, its role
+(`attn.q`, `mlp.down`, `norm.attn`, …) and, for parameters and shape constants, the
+dimension symbols of each axis (DESIGN.md). A parameter axis is a tuple of symbols whose
+sizes multiply, outermost first: the query weight is ((H[l], K[l]), (D,)).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import fx, nn
+
+from . import ops
+from . import spec as S
+
+Axes = tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    role: str
+    layer: int | None = None
+    axes: Axes | None = None  # parameters: symbols of each axis
+    shape: tuple | None = None  # view/reshape nodes: symbols of each target size (None = dynamic)
+    init: str | None = None  # parameters: normal | residual | zeros | ones
+
+
+@dataclass
+class Lowered:
+    graph: fx.Graph
+    root: nn.Module
+    params: dict[str, NodeInfo] = field(default_factory=dict)
+
+
+def sizes(spec: S.Spec) -> dict[str, int]:
+    """The value of every dimension symbol of a spec."""
+    out = {"D": spec.width, "L": spec.n_layers}
+    if spec.vocab is not None:
+        out["V"] = spec.vocab
+    if spec.seq_len is not None:
+        out["P"] = spec.seq_len
+    if spec.head.classes is not None:
+        out["C"] = spec.head.classes
+    if spec.patches is not None:
+        out["I"] = spec.patches.channels * spec.patches.patch**2  # patch input features
+    for i, layer in enumerate(spec.layers):
+        a = layer.attention
+        out |= {f"H[{i}]": a.heads, f"G[{i}]": a.kv_heads, f"K[{i}]": a.head_dim, f"Dv[{i}]": a.value_dim,
+                f"F[{i}]": layer.mlp.hidden}
+    return out
+
+
+class _Builder:
+    def __init__(self, spec: S.Spec, device: torch.device | str):
+        self.spec, self.device = spec, torch.device(device)
+        self.g = fx.Graph()
+        self.root = nn.Module()
+        self.sizes = sizes(spec)
+        self.params: dict[str, NodeInfo] = {}
+        self.layer: int | None = None
+
+    # --- nodes ---
+    def param(self, name: str, axes: Axes, role: str, init: str) -> fx.Node:
+        shape = tuple(math.prod(self.sizes[s] for s in ax) for ax in axes)
+        owner, leaf = self._owner(name)
+        owner.register_parameter(leaf, nn.Parameter(torch.empty(shape, device=self.device)))
+        info = NodeInfo(role, self.layer, axes, None, init)
+        self.params[name] = info
+        return self._tag(self.g.get_attr(name), info)
+
+    def module(self, name: str, mod: nn.Module, args: tuple, role: str) -> fx.Node:
+        owner, leaf = self._owner(name)
+        owner.add_module(leaf, mod)
+        return self._tag(self.g.call_module(name, args), NodeInfo(role, self.layer))
+
+    def call(self, fn, *args, role: str, shape: tuple | None = None, **kwargs) -> fx.Node:
+        return self._tag(self.g.call_function(fn, args, kwargs), NodeInfo(role, self.layer, shape=shape))
+
+    def method(self, name: str, *args, role: str, shape: tuple | None = None) -> fx.Node:
+        return self._tag(self.g.call_method(name, args), NodeInfo(role, self.layer, shape=shape))
+
+    def _tag(self, node: fx.Node, info: NodeInfo) -> fx.Node:
+        node.meta["mptc"] = info
+        return node
+
+    def _owner(self, dotted: str) -> tuple[nn.Module, str]:
+        *path, leaf = dotted.split(".")
+        m = self.root
+        for p in path:
+            if not hasattr(m, p):
+                m.add_module(p, nn.Module())
+            m = getattr(m, p)
+        return m, leaf
+
+    # --- building blocks ---
+    def linear(self, x: fx.Node, name: str, out_ax: tuple, in_ax: tuple, bias: bool, role: str,
+               init: str = "normal") -> fx.Node:
+        w = self.param(f"{name}.weight", (out_ax, in_ax), role, init)
+        b = self.param(f"{name}.bias", (out_ax,), role, "zeros") if bias else None
+        return self.call(F.linear, x, w, b, role=role)
+
+    def norm(self, x: fx.Node, norm: S.Norm, name: str, role: str) -> fx.Node:
+        w = self.param(f"{name}.weight", (("D",),), role, "ones")
+        if norm.kind == "rmsnorm":
+            return self.call(F.rms_norm, x, (self.spec.width,), w, norm.eps, role=role, shape=("D",))
+        b = self.param(f"{name}.bias", (("D",),), role, "zeros") if norm.bias else None
+        return self.call(F.layer_norm, x, (self.spec.width,), w, b, norm.eps, role=role, shape=("D",))
+
+    def dropout(self, x: fx.Node, p: float, name: str, role: str) -> fx.Node:
+        return self.module(name, nn.Dropout(p), (x,), role) if p > 0 else x
+
+
+def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
+    """Build the graph and an uninitialised parameter tree (float32, on `device`)."""
+    b = _Builder(spec, device)
+    g = b.g
+    e = spec.embed
+
+    # --- inputs and embeddings ---  x: (B, T, D)
+    if spec.patches is not None:
+        p = spec.patches
+        src = mask_in = None
+        pixels = g.placeholder("pixel_values")
+        w = b.param("embed.patch.weight", (("D",), ("I",)), "embed.patch", "normal")
+        w4 = b.method("view", w, spec.width, p.channels, p.patch, p.patch, role="embed.patch",
+                      shape=("D", None, None, None))
+        bias = b.param("embed.patch.bias", (("D",),), "embed.patch", "zeros")
+        x = b.call(ops.patchify, pixels, w4, bias, p.patch, role="embed.patch")  # (B, N, D)
+        if p.cls:
+            cls = b.param("embed.cls", (("D",),), "embed.cls", "normal")
+            x = b.call(ops.prepend, cls, x, role="embed.cls")  # (B, N + 1, D)
+    else:
+        src = g.placeholder("input_ids")  # (B, T)
+        mask_in = g.placeholder("attention_mask", default_value=None)  # (B, T) or None
+        tok = b.param("embed.tokens.weight", (("V",), ("D",)), "embed.tokens", "normal")
+        x = b.call(F.embedding, src, tok, role="embed.tokens")
+    if e.positions.kind == "learned":
+        pos = b.param("embed.positions.weight", (("P",), ("D",)), "embed.positions", "normal")
+        ids = b.call(ops.positions, x, role="embed.positions")  # (T,)
+        x = b.call(operator.add, x, b.call(F.embedding, ids, pos, role="embed.positions"), role="embed.positions")
+    elif e.positions.kind == "sinusoidal":
+        x = b.call(operator.add, x, b.call(ops.sinusoidal, x, role="embed.positions"), role="embed.positions")
+    if e.norm is not None:
+        x = b.norm(x, e.norm, "embed.norm", "norm.embed")
+    x = b.dropout(x, e.dropout, "embed.dropout", "embed.dropout")
+
+    # --- shared per-forward tensors: batch/sequence sizes, masks, rotary tables ---
+    bsz = b.method("size", x, 0, role="shape")
+    seq = b.method("size", x, 1, role="shape")
+    masks = {kind: b.call(ops.attention_mask, mask_in, x, kind == "causal", role=f"mask.{kind}")
+             for kind in sorted({layer.attention.mask for layer in spec.layers})}
+    rope: dict[int, tuple[fx.Node, fx.Node]] = {}
+    if e.positions.kind == "rope":
+        for k in sorted({layer.attention.head_dim for layer in spec.layers}):
+            cs = b.call(ops.rope_tables, x, k, e.positions.theta, role="rope")
+            rope[k] = (b.call(operator.getitem, cs, 0, role="rope"), b.call(operator.getitem, cs, 1, role="rope"))
+
+    # --- blocks ---
+    for i, layer in enumerate(spec.layers):
+        b.layer = i
+        a = layer.attention
+        pre = layer.placement == "pre"
+
+        h = b.norm(x, layer.norm, f"layers.{i}.attn_norm", "norm.attn") if pre else x
+        att = _attention(b, i, a, h, bsz, seq, masks[a.mask], rope.get(a.head_dim))
+        att = b.dropout(att, layer.dropout, f"layers.{i}.attn_dropout", "attn.dropout")
+        x = b.call(operator.add, x, att, role="residual.attn")
+        if not pre:
+            x = b.norm(x, layer.norm, f"layers.{i}.attn_norm", "norm.attn")
+
+        h = b.norm(x, layer.norm, f"layers.{i}.mlp_norm", "norm.mlp") if pre else x
+        m = _mlp(b, i, layer.mlp, h)
+        m = b.dropout(m, layer.dropout, f"layers.{i}.mlp_dropout", "mlp.dropout")
+        x = b.call(operator.add, x, m, role="residual.mlp")
+        if not pre:
+            x = b.norm(x, layer.norm, f"layers.{i}.mlp_norm", "norm.mlp")
+    b.layer = None
+
+    # --- head ---
+    hd = spec.head
+    if hd.norm is not None:
+        x = b.norm(x, hd.norm, "head.norm", "norm.head")
+    if hd.kind == "lm":
+        if hd.tied:
+            w = b.g.get_attr("embed.tokens.weight")
+            b._tag(w, b.params["embed.tokens.weight"])
+            bias = b.param("head.bias", (("V",),), "head.out", "zeros") if hd.bias else None
+            x = b.call(F.linear, x, w, bias, role="head.out")  # (B, T, V)
+        else:
+            x = b.linear(x, "head.out", ("V",), ("D",), hd.bias, "head.out")  # (B, T, V)
+    elif hd.kind == "classify":
+        if hd.pool == "first":
+            x = b.call(ops.pool_first, x, role="head.pool")  # (B, D)
+        else:
+            x = b.call(ops.pool_mean, x, mask_in, role="head.pool")  # (B, D)
+        if hd.pooler:
+            x = b.call(torch.tanh, b.linear(x, "head.pooler", ("D",), ("D",), True, "head.pooler"), role="head.pooler")
+        x = b.linear(x, "head.out", ("C",), ("D",), hd.bias, "head.out")  # (B, C)
+    g.output(x)
+    return Lowered(g, b.root, b.params)
+
+
+def _attention(b: _Builder, i: int, a: S.Attention, h: fx.Node, bsz: fx.Node, seq: fx.Node,
+               mask: fx.Node, rope: tuple[fx.Node, fx.Node] | None) -> fx.Node:
+    H, G, K, Dv = f"H[{i}]", f"G[{i}]", f"K[{i}]", f"Dv[{i}]"  # noqa: N806
+    pre = f"layers.{i}.attn"
+
+    def heads(name: str, n: tuple[str, int], d: tuple[str, int]) -> fx.Node:
+        y = b.linear(h, f"{pre}.{name}", (n[0], d[0]), ("D",), a.bias, f"attn.{name}")  # (B, T, n·d)
+        y = b.method("view", y, bsz, seq, n[1], d[1], role=f"attn.{name}", shape=(None, None, n[0], d[0]))
+        return b.method("transpose", y, 1, 2, role=f"attn.{name}")  # (B, n, T, d)
+
+    q = heads("q", (H, a.heads), (K, a.head_dim))  # (B, H, T, K)
+    k = heads("k", (G, a.kv_heads), (K, a.head_dim))  # (B, G, T, K)
+    v = heads("v", (G, a.kv_heads), (Dv, a.value_dim))  # (B, G, T, Dv)
+    if rope is not None:
+        q = b.call(ops.apply_rope, q, *rope, role="attn.rope")
+        k = b.call(ops.apply_rope, k, *rope, role="attn.rope")
+    if a.kv_heads != a.heads:  # GQA / MQA: each kv head serves H/G contiguous query heads
+        r = a.heads // a.kv_heads
+        k = b.call(torch.repeat_interleave, k, r, dim=1, role="attn.k", shape=("H/G",))  # (B, H, T, K)
+        v = b.call(torch.repeat_interleave, v, r, dim=1, role="attn.v", shape=("H/G",))  # (B, H, T, Dv)
+    scale = 1.0 / math.sqrt(a.head_dim)
+    if a.dropout > 0:
+        o = b.module(f"{pre}.sdpa", ops.DropoutAttention(a.dropout, scale), (q, k, v, mask), "attn.sdpa")
+    else:
+        o = b.call(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, scale=scale, role="attn.sdpa")
+    o = b.method("transpose", o, 1, 2, role="attn.o")  # (B, T, H, Dv)
+    o = b.method("reshape", o, bsz, seq, a.heads * a.value_dim, role="attn.o", shape=(None, None, (H, Dv)))
+    return b.linear(o, f"{pre}.o", ("D",), (H, Dv), a.out_bias, "attn.o", init="residual")  # (B, T, D)
+
+
+def _mlp(b: _Builder, i: int, m: S.MLP, h: fx.Node) -> fx.Node:
+    hid = (f"F[{i}]",)
+    pre = f"layers.{i}.mlp"
+    up = b.linear(h, f"{pre}.up", hid, ("D",), m.bias, "mlp.up")  # (B, T, F)
+    act = {"gelu": F.gelu, "gelu_tanh": ops.gelu_tanh, "relu": F.relu, "silu": F.silu}[S.GATED.get(m.activation,
+                                                                                                   m.activation)]
+    if m.gated:
+        gate = b.linear(h, f"{pre}.gate", hid, ("D",), m.bias, "mlp.gate")  # (B, T, F)
+        z = b.call(operator.mul, b.call(act, gate, role="mlp.act"), up, role="mlp.act")
+    else:
+        z = b.call(act, up, role="mlp.act")
+    return b.linear(z, f"{pre}.down", ("D",), hid, m.bias, "mlp.down", init="residual")  # (B, T, D)

@@ -1,0 +1,145 @@
+"""Build, load and save models: a Spec plus weights as a torch.fx GraphModule.
+
+The GraphModule keeps its Spec in `gm.meta["mptc.spec"]` and the parameters' dimension
+symbols in `gm.meta["mptc.params"]`; `forward` takes the inputs by their ONNX names
+(`input_ids`, `attention_mask` or `pixel_values`) and returns the logits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import fx
+
+from . import spec as S
+from .atomic import atomic_dir
+from .errors import MptcError
+from .lower import NodeInfo, lower
+from .schema import parse
+
+SPEC_FILE = "model.mpt"
+WEIGHTS_FILE = "weights.safetensors"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load(path: str | os.PathLike) -> S.Spec:
+    """Read a spec from a `.mpt` file or a model dir."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / SPEC_FILE).is_file():
+            raise MptcError(f"{p} is a directory without {SPEC_FILE}", hint="a model dir holds model.mpt and "
+                            "weights.safetensors (written by `mptc compile SPEC -o DIR`)")
+        p = p / SPEC_FILE
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise MptcError(f"no such file: {p}") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise MptcError(f"cannot read {p}: {e}") from None
+    return parse(text, str(p))
+
+
+def spec_of(model: fx.GraphModule) -> S.Spec:
+    try:
+        return model.meta["mptc.spec"]
+    except (AttributeError, KeyError):
+        raise MptcError("this module was not built by mptc (no spec in module.meta)") from None
+
+
+def param_info(model: fx.GraphModule) -> dict[str, NodeInfo]:
+    return model.meta["mptc.params"]
+
+
+def build(spec: S.Spec, weights: str | os.PathLike | dict | None = None, seed: int = 0,
+          device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32) -> fx.GraphModule:
+    """Compile a Spec to a trainable GraphModule.
+
+    weights: a safetensors file, a model dir, or a state dict; else initialised from `seed`.
+    device="meta" allocates nothing (shapes only, for summaries of large specs).
+    """
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    on_meta = weights is not None or str(device) == "meta"
+    low = lower(spec, "meta" if on_meta else device)
+    name = re.sub(r"\W", "_", spec.name) or "Model"
+    gm = fx.GraphModule(low.root, low.graph, class_name=name)
+    gm.meta["mptc.spec"] = spec
+    gm.meta["mptc.params"] = low.params
+    if weights is not None:
+        _load_weights(gm, weights, low.params)
+        gm.to(device)
+    elif not on_meta:
+        init_weights(gm, seed)
+    return gm.to(dtype)
+
+
+def init_weights(model: fx.GraphModule, seed: int = 0) -> None:
+    """Deterministic initialisation: normal(std) for matrices, std/√(2L) for residual writers
+    (GPT-2), zeros for biases, ones for norm gains."""
+    spec = spec_of(model)
+    gen = torch.Generator().manual_seed(seed)
+    std = spec.init.std
+    with torch.no_grad():
+        for name, info in param_info(model).items():
+            p = model.get_parameter(name)
+            if info.init == "zeros":
+                p.zero_()
+            elif info.init == "ones":
+                p.fill_(1.0)
+            else:
+                s = std / math.sqrt(2 * spec.n_layers) if info.init == "residual" else std
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+
+
+def _load_weights(gm: fx.GraphModule, weights, params: dict[str, NodeInfo]) -> None:
+    where = "the state dict"
+    if isinstance(weights, dict):
+        sd = weights
+    else:
+        p = Path(weights)
+        if p.is_dir():
+            p = p / WEIGHTS_FILE
+        where = str(p)
+        if not p.is_file():
+            raise MptcError(f"no weights file: {p}")
+        with safe_open(p, framework="pt") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    missing = [k for k in params if k not in sd]
+    extra = [k for k in sd if k not in params]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}" + (" …" if len(missing) > 4 else ""))
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:4])}" + (" …" if len(extra) > 4 else ""))
+        raise MptcError(f"{where} does not fit the spec: " + "; ".join(parts),
+                        hint="the weights were written for a different spec")
+    for k in params:
+        want = tuple(gm.get_parameter(k).shape)
+        if tuple(sd[k].shape) != want:
+            raise MptcError(f"{where}: '{k}' has shape {tuple(sd[k].shape)}, the spec needs {want}",
+                            hint="the weights were written for a different spec")
+    gm.load_state_dict({k: sd[k].float() if sd[k].dtype != torch.float64 else sd[k] for k in params},
+                       strict=True, assign=True)
+
+
+def load_model(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype | str = torch.float32) -> fx.GraphModule:
+    """A model from a model dir (its weights) or a spec file (weights from `seed`)."""
+    spec = load(path)
+    weights = path if Path(path).is_dir() else None
+    return build(spec, weights, seed=seed, dtype=dtype)
+
+
+def save(model: fx.GraphModule, path: str | os.PathLike) -> Path:
+    """Write a model dir: model.mpt (canonical spec) and weights.safetensors, atomically."""
+    spec = spec_of(model)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in param_info(model)}
+    with atomic_dir(path) as tmp:
+        (tmp / SPEC_FILE).write_text(str(spec))
+        save_file(sd, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mptc.spec": spec.name})
+    return Path(path)

@@ -1,0 +1,98 @@
+"""Small tensor functions the lowered graph calls (each one node in the fx graph).
+
+They are plain functions of tensors, so torch.export and the ONNX exporter trace through
+them; nothing here holds state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+
+def positions(x: Tensor) -> Tensor:
+    """Position ids 0..T-1 for x of shape (B, T, …)."""
+    return torch.arange(x.shape[1], device=x.device)  # (T,)
+
+
+def sinusoidal(x: Tensor) -> Tensor:
+    """The fixed sin/cos table of Vaswani et al. for x (B, T, D): (T, D), sin in even dims."""
+    t, d = x.shape[1], x.shape[2]
+    pos = torch.arange(t, device=x.device, dtype=torch.float32)[:, None]  # (T, 1)
+    i = torch.arange(0, d, 2, device=x.device, dtype=torch.float32)  # (ceil(D/2),)
+    angle = pos * torch.exp(i * (-math.log(10000.0) / d))  # (T, ceil(D/2))
+    table = torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(1)[:, :d]  # (T, D)
+    return table.to(x.dtype)
+
+
+def rope_tables(x: Tensor, dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin, each (T, dim), for rotary embeddings in the "rotate half" layout."""
+    t = x.shape[1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))  # (dim/2,)
+    freqs = torch.arange(t, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (T, dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, dim)
+    return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (B, H, T, K) by position: dim i pairs with i + K/2 (Hugging Face Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(mask: Tensor | None, x: Tensor, causal: bool) -> Tensor | None:
+    """Boolean attention mask (B or 1, 1, T, T), True where a query may attend a key.
+
+    `mask` is the (B, T) padding mask (1 = token, 0 = padding) or None. Every query may
+    always attend to itself, so a padded query never sees an empty row (no NaN); real
+    tokens never attend to padding.
+    """
+    t = x.shape[1]
+    keep = torch.ones(t, t, dtype=torch.bool, device=x.device).tril() if causal else None  # (T, T)
+    if mask is None:
+        return None if keep is None else keep[None, None]
+    pad = mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, T)
+    keep = pad if keep is None else pad & keep
+    return keep | torch.eye(t, dtype=torch.bool, device=x.device)  # (B, 1, T, T)
+
+
+def prepend(token: Tensor, x: Tensor) -> Tensor:
+    """Put a learned token (D,) in front of x (B, N, D): (B, N + 1, D)."""
+    return torch.cat([token.expand(x.shape[0], 1, -1), x], dim=1)
+
+
+def patchify(pixels: Tensor, weight: Tensor, bias: Tensor | None, patch: int) -> Tensor:
+    """(B, C, S, S) images → (B, N, D) patch embeddings; weight (D, C, p, p) as in ViT."""
+    return F.conv2d(pixels, weight, bias, stride=patch).flatten(2).transpose(1, 2)
+
+
+def pool_first(x: Tensor) -> Tensor:
+    return x[:, 0]  # (B, D)
+
+
+def pool_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over valid tokens of x (B, T, D): (B, D)."""
+    if mask is None:
+        return x.mean(dim=1)
+    m = mask.to(x.dtype)[:, :, None]  # (B, T, 1)
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class DropoutAttention(nn.Module):
+    """Scaled dot-product attention with dropout on the probabilities while training."""
+
+    def __init__(self, p: float, scale: float):
+        super().__init__()
+        self.p, self.scale = p, scale
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        p = self.p if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)

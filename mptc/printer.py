@@ -1,0 +1,196 @@
+"""Two printers.
+
+`format_spec(spec)`: the canonical text of a Spec. Every field is written out, per-layer
+values collapse to one value when all layers agree; `parse(format_spec(s)) == s`.
+
+`format_source(file)`: `mptc fmt`. Re-lays out the user's own text (constants, arithmetic
+and comments kept) in the house style; formatting formatted text changes nothing.
+"""
+
+from __future__ import annotations
+
+from . import spec as S
+from . import syntax as ast
+
+INDENT = "  "
+MAX_INLINE = 88
+
+# --- canonical spec printer --------------------------------------------------------
+
+
+def _lit(x) -> str:
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    if isinstance(x, float):
+        return repr(x)
+    if isinstance(x, S.Norm):
+        args = f"eps = {_lit(x.eps)}" + (", bias = false" if x.kind == "layernorm" and not x.bias else "")
+        return f"{x.kind}({args})"
+    if x is None:
+        return "none"
+    return str(x)
+
+
+def _positions(p: S.Positions) -> str:
+    return f"rope(theta = {_lit(p.theta)})" if p.kind == "rope" else p.kind
+
+
+def _input(i: str | S.Patches) -> str:
+    if isinstance(i, S.Patches):
+        return (f"patches(image = {i.image}, patch = {i.patch}, channels = {i.channels}, "
+                f"cls = {_lit(i.cls)})")
+    return i
+
+
+def _per_layer(values: list) -> str:
+    if all(v == values[0] for v in values):
+        return _lit(values[0])
+    return "[" + ", ".join(_lit(v) for v in values) + "]"
+
+
+def _block(head: str, fields: list[tuple[str, str]], depth: int) -> list[str]:
+    pad = INDENT * depth
+    inline = f"{pad}{head} {{ " + ", ".join(f"{k} = {v}" for k, v in fields) + " }"
+    if not fields:
+        return [f"{pad}{head} {{ }}"]
+    if len(inline) <= MAX_INLINE:
+        return [inline]
+    return [f"{pad}{head} {{", *(f"{pad}{INDENT}{k} = {v}" for k, v in fields), f"{pad}}}"]
+
+
+def format_spec(spec: S.Spec) -> str:
+    out = [f"model {spec.name} {{"]
+    if spec.vocab is not None:
+        out.append(f"{INDENT}vocab = {spec.vocab}")
+    if spec.context is not None:
+        out.append(f"{INDENT}context = {spec.context}")
+    out.append(f"{INDENT}width = {spec.width}")
+    out.append(f"{INDENT}init = normal(std = {_lit(spec.init.std)})")
+    e = spec.embed
+    out += _block(
+        "embed",
+        [("input", _input(e.input)), ("positions", _positions(e.positions)), ("dropout", _lit(e.dropout)),
+         ("norm", _lit(e.norm))],
+        1,
+    )
+    ls = spec.layers
+    out.append(f"{INDENT}layers {len(ls)} {{")
+    for k in ("norm", "placement", "dropout"):
+        out.append(f"{INDENT * 2}{k} = {_per_layer([getattr(layer, k) for layer in ls])}")
+    att = [layer.attention for layer in ls]
+    out += _block("attention", [(k, _per_layer([getattr(a, k) for a in att])) for k in
+                                ("heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias",
+                                 "dropout")], 2)
+    mlp = [layer.mlp for layer in ls]
+    out += _block("mlp", [(k, _per_layer([getattr(m, k) for m in mlp])) for k in ("hidden", "activation", "bias")],
+                  2)
+    out.append(f"{INDENT}}}")
+    h = spec.head
+    hf = [("norm", _lit(h.norm))]
+    if h.kind == "lm":
+        hf += [("tied", _lit(h.tied)), ("bias", _lit(h.bias))]
+    elif h.kind == "classify":
+        hf += [("classes", str(h.classes)), ("pool", h.pool), ("pooler", _lit(h.pooler)), ("bias", _lit(h.bias))]
+    out += _block(f"head {h.kind}", hf, 1)
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+# --- source formatter --------------------------------------------------------------
+
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2}
+
+
+def format_expr(e: ast.Expr, parent: int = 0) -> str:
+    if isinstance(e, ast.Num):
+        return e.text
+    if isinstance(e, ast.Bool):
+        return "true" if e.value else "false"
+    if isinstance(e, ast.Str):
+        return e.text
+    if isinstance(e, ast.Name):
+        return e.name
+    if isinstance(e, ast.Neg):
+        return "-" + format_expr(e.operand, 3)
+    if isinstance(e, ast.ListExpr):
+        return "[" + ", ".join(format_expr(i) for i in e.items) + "]"
+    if isinstance(e, ast.Call):
+        args = [format_expr(a) for a in e.args] + [f"{k} = {format_expr(v)}" for k, v in e.kwargs]
+        return f"{e.name}(" + ", ".join(args) + ")"
+    if isinstance(e, ast.BinOp):
+        p = _PREC[e.op]
+        # left-associative: the right operand needs parentheses at equal precedence
+        s = f"{format_expr(e.left, p)} {e.op} {format_expr(e.right, p + 1)}"
+        return f"({s})" if p < parent else s
+    raise AssertionError(e)
+
+
+def _end_line(e: ast.Field | ast.Block) -> int:
+    return e.end_line if isinstance(e, ast.Block) else e.value.span.end_line
+
+
+class _SourcePrinter:
+    def __init__(self, file: ast.File):
+        self.src = file.source
+        self.pending = sorted(file.comments, key=lambda c: (c.line, c.col))
+        self.out: list[str] = []
+
+    def _trailing(self, c: ast.Comment) -> bool:
+        return self.src.line(c.line)[: c.col - 1].strip() != ""
+
+    def comments_before(self, line: int, depth: int) -> None:
+        while self.pending and self.pending[0].line < line:
+            c = self.pending.pop(0)
+            self.out.append(INDENT * depth + c.text)
+
+    def trailing(self, line: int) -> str:
+        if self.pending and self.pending[0].line == line and self._trailing(self.pending[0]):
+            return "  " + self.pending.pop(0).text
+        return ""
+
+    def has_comments(self, first: int, last: int) -> bool:
+        return any(first <= c.line <= last for c in self.pending)
+
+    def entry(self, e: ast.Field | ast.Block, depth: int) -> None:
+        self.comments_before(e.span.line, depth)
+        pad = INDENT * depth
+        if isinstance(e, ast.Field):
+            self.out.append(f"{pad}{e.name} = {format_expr(e.value)}" + self.trailing(_end_line(e)))
+            return
+        head = e.name if e.arg is None else f"{e.name} {format_expr(e.arg)}"
+        self.block(head, e, depth)
+
+    def block(self, head: str, b: ast.Block, depth: int) -> None:
+        pad = INDENT * depth
+        one_line = b.span.line == b.end_line and not self.has_comments(b.span.line, b.end_line - 1)
+        if one_line and all(isinstance(x, ast.Field) for x in b.body):
+            inner = ", ".join(f"{x.name} = {format_expr(x.value)}" for x in b.body)
+            text = f"{pad}{head} {{ {inner} }}" if inner else f"{pad}{head} {{ }}"
+            if len(text) <= MAX_INLINE:
+                self.out.append(text + self.trailing(b.end_line))
+                return
+        self.out.append(f"{pad}{head} {{" + self.trailing(b.span.line))
+        for x in b.body:
+            self.entry(x, depth + 1)
+        self.comments_before(b.end_line, depth + 1)
+        self.out.append(f"{pad}}}" + self.trailing(b.end_line))
+
+    def file(self, f: ast.File) -> str:
+        items = sorted([*f.lets, f.model], key=lambda x: x.span.line)
+        prev_kind = None
+        for it in items:
+            kind = "let" if isinstance(it, ast.Let) else "model"
+            if prev_kind is not None and (kind != prev_kind or kind == "model"):
+                self.out.append("")
+            self.comments_before(it.span.line, 0)
+            if isinstance(it, ast.Let):
+                self.out.append(f"let {it.name} = {format_expr(it.value)}" + self.trailing(it.value.span.end_line))
+            else:
+                self.block(f"model {format_expr(it.arg)}", it, 0)
+            prev_kind = kind
+        self.comments_before(10**9, 0)
+        return "\n".join(self.out).strip("\n") + "\n"
+
+
+def format_source(file: ast.File) -> str:
+    return _SourcePrinter(file).file(file)

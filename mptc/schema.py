@@ -1,0 +1,412 @@
+"""Give the syntax tree its meaning: fields, types, defaults, per-layer lists and checks.
+
+Each block reads its fields through a `Fields` reader, which rejects unknown or repeated
+names with a `did you mean` hint. Every error points at the offending value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from . import spec as S
+from . import syntax as ast
+from .errors import Span, SpecError, one_of, suggest
+from .evaluate import CallValue, Sym, V, evaluate, evaluate_lets
+
+# --- value converters: V -> python, errors at the value -----------------------------
+
+
+def as_int(v: V, what: str, lo: int = 1) -> int:
+    if isinstance(v.value, bool) or not isinstance(v.value, int):
+        if isinstance(v.value, float) and v.value.is_integer():
+            return as_int(V(int(v.value), v.span), what, lo)
+        raise SpecError(f"{what} must be a whole number, got {v.kind}", v.span)
+    if v.value < lo:
+        raise SpecError(f"{what} must be at least {lo}, got {v.value}", v.span)
+    return v.value
+
+
+def as_float(v: V, what: str, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(v.value, bool) or not isinstance(v.value, (int, float)):
+        raise SpecError(f"{what} must be a number, got {v.kind}", v.span)
+    x = float(v.value)
+    if (lo is not None and x < lo) or (hi is not None and x >= hi):
+        rng = f"in [{lo}, {hi})" if hi is not None else f"at least {lo}"
+        raise SpecError(f"{what} must be {rng}, got {v.value}", v.span)
+    return x
+
+
+def as_prob(v: V, what: str) -> float:
+    return as_float(v, what, 0.0, 1.0)
+
+
+def as_pos_float(v: V, what: str) -> float:
+    x = as_float(v, what)
+    if x <= 0:
+        raise SpecError(f"{what} must be positive, got {v.value}", v.span)
+    return x
+
+
+def as_bool(v: V, what: str) -> bool:
+    if not isinstance(v.value, bool):
+        raise SpecError(f"{what} must be true or false, got {v.kind}", v.span)
+    return v.value
+
+
+def as_choice(v: V, what: str, choices: tuple[str, ...]) -> str:
+    name = v.value.name if isinstance(v.value, Sym) else None
+    if name in choices:
+        return name
+    if name is None:
+        raise SpecError(f"{what} must be one of {', '.join(choices)}; got {v.kind}", v.span)
+    raise SpecError(f"unknown {what} '{name}'", v.span, suggest(name, choices) or one_of(choices))
+
+
+def call_args(v: V, what: str, params: dict[str, Callable[[V], Any]], required: tuple[str, ...] = ()) -> dict:
+    """Read a call's positional and keyword arguments by the order and names of `params`."""
+    c: CallValue = v.value
+    if len(c.args) > len(params):
+        raise SpecError(f"{c.name}() takes at most {len(params)} arguments", c.args[len(params)].span)
+    got: dict[str, V] = dict(zip(params, c.args, strict=False))
+    for k, a in c.kwargs.items():
+        if k not in params:
+            raise SpecError(
+                f"unknown argument '{k}' for {c.name}()", a.span, suggest(k, list(params)) or one_of(tuple(params))
+            )
+        if k in got:
+            raise SpecError(f"argument '{k}' given twice", a.span)
+        got[k] = a
+    for r in required:
+        if r not in got:
+            raise SpecError(f"{c.name}() needs `{r} = …`", v.span, f"write {c.name}({r} = …)")
+    return {k: params[k](a) for k, a in got.items()}
+
+
+def as_norm(v: V, what: str = "norm", allow_none: bool = False) -> S.Norm | None:
+    kinds = S.NORMS + (("none",) if allow_none else ())
+    if isinstance(v.value, Sym):
+        kind = as_choice(v, what, kinds)
+        return None if kind == "none" else S.Norm(kind)
+    if isinstance(v.value, CallValue) and v.value.name in S.NORMS:
+        kind = v.value.name
+        params = {"eps": lambda a: as_pos_float(a, "eps")}
+        if kind == "layernorm":
+            params["bias"] = lambda a: as_bool(a, "bias")
+        return S.Norm(kind, **call_args(v, what, params))
+    if isinstance(v.value, CallValue):
+        raise SpecError(f"unknown {what} '{v.value.name}'", v.span, suggest(v.value.name, kinds) or one_of(kinds))
+    raise SpecError(f"{what} must be one of {', '.join(kinds)}; got {v.kind}", v.span)
+
+
+def as_positions(v: V) -> S.Positions:
+    if isinstance(v.value, CallValue) and v.value.name == "rope":
+        return S.Positions("rope", **call_args(v, "positions", {"theta": lambda a: as_pos_float(a, "theta")}))
+    if isinstance(v.value, CallValue):
+        name = v.value.name
+        raise SpecError(f"unknown positions '{name}'", v.span, suggest(name, S.POSITIONS) or one_of(S.POSITIONS))
+    return S.Positions(as_choice(v, "positions", S.POSITIONS))
+
+
+def as_input(v: V) -> str | S.Patches:
+    if isinstance(v.value, CallValue) and v.value.name == "patches":
+        args = call_args(
+            v,
+            "input",
+            {
+                "image": lambda a: as_int(a, "image"),
+                "patch": lambda a: as_int(a, "patch"),
+                "channels": lambda a: as_int(a, "channels"),
+                "cls": lambda a: as_bool(a, "cls"),
+            },
+            required=("image", "patch"),
+        )
+        p = S.Patches(**args)
+        if p.image % p.patch:
+            raise SpecError(f"image size {p.image} is not a multiple of patch size {p.patch}", v.span)
+        return p
+    choice = as_choice(v, "input", ("tokens", "patches"))
+    if choice == "patches":
+        raise SpecError("patches need their sizes", v.span, "write patches(image = 224, patch = 16, channels = 3)")
+    return choice
+
+
+def as_init(v: V) -> S.Init:
+    if isinstance(v.value, CallValue) and v.value.name == "normal":
+        return S.Init(**call_args(v, "init", {"std": lambda a: as_pos_float(a, "std")}))
+    raise SpecError(f"init must be normal(std = …), got {v.kind}", v.span)
+
+
+# --- block reader ---------------------------------------------------------------------
+
+
+class Fields:
+    """The entries of one block, taken by name; what is left over is an error."""
+
+    def __init__(self, block: ast.Block, env: dict[str, V], where: str, fields: tuple, blocks: tuple = ()):
+        self.block, self.env, self.where = block, env, where
+        self.names = tuple(fields) + tuple(blocks)
+        self.fields: dict[str, tuple[ast.Field, V]] = {}
+        self.blocks: dict[str, ast.Block] = {}
+        for e in block.body:
+            if e.name in self.fields or e.name in self.blocks:
+                raise SpecError(f"'{e.name}' is set twice in {where}", e.span)
+            if isinstance(e, ast.Field):
+                if e.name not in fields:
+                    self._unknown(e, "field", blocks if e.name in blocks else None)
+                self.fields[e.name] = (e, evaluate(e.value, env))
+            else:
+                if e.name not in blocks:
+                    self._unknown(e, "block", fields if e.name in fields else None)
+                self.blocks[e.name] = e
+
+    def _unknown(self, e, kind: str, other: tuple | None) -> None:
+        if other is not None:
+            shape = f"{e.name} {{ … }}" if kind == "field" else f"{e.name} = …"
+            actual = "block" if kind == "field" else "field"
+            raise SpecError(f"'{e.name}' is a {actual} here", e.span, f"write `{shape}`")
+        raise SpecError(
+            f"unknown {kind} '{e.name}' in {self.where}", e.span, suggest(e.name, self.names) or one_of(self.names)
+        )
+
+    def get(self, name: str) -> V | None:
+        f = self.fields.get(name)
+        return f[1] if f else None
+
+    def take(self, name: str, conv: Callable[[V], Any], default: Any = None) -> Any:
+        v = self.get(name)
+        return default if v is None else conv(v)
+
+    def need(self, name: str, conv: Callable[[V], Any]) -> Any:
+        v = self.get(name)
+        if v is None:
+            raise SpecError(f"{self.where} needs `{name} = …`", self.block.span)
+        return conv(v)
+
+
+class PerLayer:
+    """Per-layer fields: a single value, or a list with one value per layer."""
+
+    def __init__(self, fields: Fields, n: int, path: str, spans: dict):
+        self.f, self.n, self.path, self.spans = fields, n, path, spans
+
+    def take(self, name: str, conv: Callable[[V], Any], default: Any = None) -> list:
+        v = self.f.get(name)
+        if v is None:
+            return [default(i) if callable(default) else default for i in range(self.n)]
+        self.spans[f"{self.path}.{name}"] = v
+        if isinstance(v.value, list):
+            if len(v.value) != self.n:
+                raise SpecError(
+                    f"'{name}' lists {len(v.value)} values but there are {self.n} layers",
+                    v.span,
+                    f"give one value per layer, or a single value for all {self.n}",
+                )
+            return [conv(i) for i in v.value]
+        x = conv(v)
+        return [x] * self.n
+
+
+def layer_span(spans: dict, path: str, layer: int, fallback: Span) -> Span:
+    """The span of a per-layer value at `layer` (the list item when it is a list)."""
+    v = spans.get(path)
+    if v is None:
+        return fallback
+    if isinstance(v.value, list):
+        return v.value[layer].span
+    return v.span
+
+
+# --- the model ---------------------------------------------------------------------------
+
+MODEL_FIELDS = ("vocab", "context", "width", "init")
+MODEL_BLOCKS = ("embed", "layers", "head")
+EMBED_FIELDS = ("input", "positions", "dropout", "norm")
+LAYER_FIELDS = ("norm", "placement", "dropout")
+ATTN_FIELDS = ("heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout")
+MLP_FIELDS = ("hidden", "activation", "bias")
+HEAD_FIELDS = {
+    "lm": ("norm", "tied", "bias"),
+    "classify": ("norm", "classes", "pool", "pooler", "bias"),
+    "none": ("norm",),
+}
+
+
+def to_spec(file: ast.File) -> S.Spec:
+    env = evaluate_lets(file.lets)
+    m = file.model
+    name = m.arg.name  # type: ignore[union-attr]
+    f = Fields(m, env, f"model '{name}'", MODEL_FIELDS, MODEL_BLOCKS)
+    spans: dict[str, Any] = {}
+    for k in MODEL_FIELDS:
+        if f.get(k) is not None:
+            spans[k] = f.get(k)
+
+    width = f.need("width", lambda v: as_int(v, "width"))
+    vocab = f.take("vocab", lambda v: as_int(v, "vocab"))
+    context = f.take("context", lambda v: as_int(v, "context"))
+    init = f.take("init", as_init, S.Init())
+    embed = _embed(f.blocks.get("embed"), env, spans)
+    if "layers" not in f.blocks:
+        raise SpecError(f"model '{name}' has no `layers N {{ … }}` block", m.span)
+    layers = _layers(f.blocks["layers"], env, width, spans)
+    if "head" not in f.blocks:
+        raise SpecError(f"model '{name}' has no `head … {{ … }}` block", m.span, "write `head lm { … }`, "
+                        "`head classify { classes = … }` or `head none { }`")
+    head = _head(f.blocks["head"], env, spans)
+    spec = S.Spec(name, width, tuple(layers), head, vocab, context, embed, init, spans)
+    _check(spec, m, spans)
+    return spec
+
+
+def _embed(b: ast.Block | None, env: dict, spans: dict) -> S.Embed:
+    if b is None:
+        return S.Embed()
+    if b.arg is not None:
+        raise SpecError("`embed` takes no argument", b.arg.span)
+    f = Fields(b, env, "embed", EMBED_FIELDS)
+    for k in EMBED_FIELDS:
+        if f.get(k) is not None:
+            spans[f"embed.{k}"] = f.get(k)
+    return S.Embed(
+        input=f.take("input", as_input, "tokens"),
+        positions=f.take("positions", as_positions, S.Positions()),
+        dropout=f.take("dropout", lambda v: as_prob(v, "dropout"), 0.0),
+        norm=f.take("norm", lambda v: as_norm(v, "norm", allow_none=True)),
+    )
+
+
+def _layers(b: ast.Block, env: dict, width: int, spans: dict) -> list[S.Layer]:
+    if b.arg is None:
+        raise SpecError("`layers` needs a count", b.span, "write `layers 12 { … }`")
+    n = as_int(evaluate(b.arg, env), "the number of layers")
+    spans["layers"] = evaluate(b.arg, env)
+    lf = Fields(b, env, "layers", LAYER_FIELDS, ("attention", "mlp"))
+    pl = PerLayer(lf, n, "layers", spans)
+    norm = pl.take("norm", as_norm, S.Norm("layernorm"))
+    placement = pl.take("placement", lambda v: as_choice(v, "placement", S.PLACEMENTS), "pre")
+    dropout = pl.take("dropout", lambda v: as_prob(v, "dropout"), 0.0)
+
+    ab = lf.blocks.get("attention")
+    if ab is None:
+        raise SpecError("`layers` needs an `attention { heads = … }` block", b.span)
+    af = PerLayer(Fields(ab, env, "attention", ATTN_FIELDS), n, "layers.attention", spans)
+    if af.f.get("heads") is None:
+        raise SpecError("attention needs `heads = …`", ab.span)
+    heads = af.take("heads", lambda v: as_int(v, "heads"))
+    kv = af.take("kv_heads", lambda v: as_int(v, "kv_heads"), lambda i: heads[i])
+    hd_given = af.f.get("head_dim") is not None
+    head_dim = af.take("head_dim", lambda v: as_int(v, "head_dim"), lambda i: width // heads[i])
+    value_dim = af.take("value_dim", lambda v: as_int(v, "value_dim"), lambda i: head_dim[i])
+    mask = af.take("mask", lambda v: as_choice(v, "mask", S.MASKS), "causal")
+    bias = af.take("bias", lambda v: as_bool(v, "bias"), True)
+    out_bias = af.take("out_bias", lambda v: as_bool(v, "out_bias"), lambda i: bias[i])
+    adrop = af.take("dropout", lambda v: as_prob(v, "dropout"), 0.0)
+    for i in range(n):
+        hspan = layer_span(spans, "layers.attention.heads", i, ab.span)
+        if not hd_given and width % heads[i]:
+            raise SpecError(
+                f"width {width} is not divisible by heads = {heads[i]}",
+                hspan,
+                "set `head_dim` explicitly, or use a number of heads that divides the width",
+            )
+        if heads[i] % kv[i]:
+            divisors = ", ".join(str(d) for d in range(1, heads[i] + 1) if heads[i] % d == 0)
+            raise SpecError(
+                f"kv_heads = {kv[i]} does not divide heads = {heads[i]}",
+                layer_span(spans, "layers.attention.kv_heads", i, ab.span),
+                f"each kv head serves a whole group of query heads; use one of {divisors}",
+            )
+
+    mb = lf.blocks.get("mlp")
+    if mb is None:
+        raise SpecError("`layers` needs an `mlp { hidden = … }` block", b.span)
+    mf = PerLayer(Fields(mb, env, "mlp", MLP_FIELDS), n, "layers.mlp", spans)
+    hidden = mf.take("hidden", lambda v: as_int(v, "hidden"), 4 * width)
+    act = mf.take("activation", lambda v: as_choice(v, "activation", S.ACTIVATIONS), "gelu")
+    mbias = mf.take("bias", lambda v: as_bool(v, "bias"), True)
+
+    return [
+        S.Layer(
+            attention=S.Attention(heads[i], kv[i], head_dim[i], value_dim[i], mask[i], bias[i], out_bias[i], adrop[i]),
+            mlp=S.MLP(hidden[i], act[i], mbias[i]),
+            norm=norm[i],
+            placement=placement[i],
+            dropout=dropout[i],
+        )
+        for i in range(n)
+    ]
+
+
+def _head(b: ast.Block, env: dict, spans: dict) -> S.Head:
+    if b.arg is None:
+        raise SpecError("`head` needs a kind", b.span,
+                        "write `head lm { … }`, `head classify { … }` or `head none { }`")
+    arg = evaluate(b.arg, env)
+    extra: dict[str, V] = {}
+    if isinstance(arg.value, CallValue):  # head classify(classes = 10) { … }
+        extra = dict(arg.value.kwargs)
+        if arg.value.args:
+            raise SpecError("head arguments are named", arg.value.args[0].span, "write classify(classes = 10)")
+        arg = V(Sym(arg.value.name), arg.span)
+    kind = as_choice(arg, "head", S.HEADS)
+    f = Fields(b, env, f"head {kind}", HEAD_FIELDS[kind])
+    for k, v in extra.items():
+        if k not in HEAD_FIELDS[kind]:
+            raise SpecError(f"unknown argument '{k}' for head {kind}", v.span, suggest(k, HEAD_FIELDS[kind]))
+        if k in f.fields:
+            raise SpecError(f"'{k}' is set twice in head {kind}", v.span)
+        f.fields[k] = (None, v)  # type: ignore[assignment]
+    for k in HEAD_FIELDS[kind]:
+        if f.get(k) is not None:
+            spans[f"head.{k}"] = f.get(k)
+    spans["head"] = arg
+    norm = f.take("norm", lambda v: as_norm(v, "norm", allow_none=True))
+    if kind == "lm":
+        return S.Head("lm", norm, tied=f.take("tied", lambda v: as_bool(v, "tied"), False),
+                      bias=f.take("bias", lambda v: as_bool(v, "bias"), False))
+    if kind == "classify":
+        return S.Head(
+            "classify",
+            norm,
+            bias=f.take("bias", lambda v: as_bool(v, "bias"), True),
+            classes=f.need("classes", lambda v: as_int(v, "classes")),
+            pool=f.take("pool", lambda v: as_choice(v, "pool", S.POOLS), "first"),
+            pooler=f.take("pooler", lambda v: as_bool(v, "pooler"), False),
+        )
+    return S.Head("none", norm)
+
+
+def _check(spec: S.Spec, m: ast.Block, spans: dict) -> None:
+    """Whole-model checks that relate fields of different blocks."""
+    pos = spec.embed.positions.kind
+    pspan = spans.get("embed.positions")
+    if spec.patches is None:
+        if spec.vocab is None:
+            raise SpecError(f"model '{spec.name}' reads tokens but has no `vocab = …`", m.span,
+                            "set the vocabulary size, or `embed { input = patches(…) }` for images")
+        if pos in ("learned", "sinusoidal") and spec.context is None:
+            raise SpecError(f"{pos} positions need `context = …` (the longest sequence)",
+                            pspan.span if pspan else m.span)
+    if spec.head.kind == "lm":
+        if spec.vocab is None:
+            raise SpecError("an lm head needs `vocab = …`", spans["head"].span)
+        if spec.head.tied and spec.patches is not None:
+            raise SpecError("a tied lm head needs token input", spans["head.tied"].span)
+    if spec.patches is not None and spec.patches.cls is False and spec.head.kind == "classify" \
+            and spec.head.pool == "first":
+        raise SpecError("pool = first needs a class token", spans.get("head.pool", spans["head"]).span,
+                        "set patches(…, cls = true) or pool = mean")
+    if pos == "rope":
+        for i, layer in enumerate(spec.layers):
+            if layer.attention.head_dim % 2:
+                raise SpecError(
+                    f"rope needs an even head_dim, layer {i} has {layer.attention.head_dim}",
+                    layer_span(spans, "layers.attention.head_dim", i, pspan.span if pspan else m.span),
+                    "rotary embeddings rotate pairs of dimensions",
+                )
+
+
+def parse(text: str, name: str = "<spec>") -> S.Spec:
+    """Parse and check spec text."""
+    return to_spec(ast.parse_file(text, name))

@@ -1,0 +1,150 @@
+"""The typed architecture spec: what a `.mpt` file means, with every per-layer value expanded.
+
+A Spec compares by value (spans are kept aside for errors), so `parse(print(spec)) == spec`.
+Dimension symbols (DESIGN.md): D = width, V = vocab, L = len(layers), and per layer
+H = heads, G = kv_heads, K = head_dim (query/key), Dv = value_dim, F = mlp hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu")
+GATED = {"swiglu": "silu", "geglu": "gelu"}
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "sinusoidal", "rope", "none")
+MASKS = ("causal", "bidirectional")
+PLACEMENTS = ("pre", "post")
+HEADS = ("lm", "classify", "none")
+POOLS = ("first", "mean")
+
+
+@dataclass(frozen=True)
+class Norm:
+    kind: str  # layernorm | rmsnorm
+    eps: float = 1e-5
+    bias: bool = True  # layernorm only: an additive shift beside the gain
+
+
+@dataclass(frozen=True)
+class Positions:
+    kind: str = "learned"  # learned | sinusoidal | rope | none
+    theta: float = 10000.0  # rope base; frequencies θ_i = theta^(−2i/K), "rotate half" layout
+
+
+@dataclass(frozen=True)
+class Patches:
+    """ViT-style input: `pixel_values` (B, channels, image, image) cut into patch×patch tiles."""
+
+    image: int
+    patch: int
+    channels: int = 3
+    cls: bool = True  # prepend a learned class token
+
+    @property
+    def count(self) -> int:
+        return (self.image // self.patch) ** 2
+
+
+@dataclass(frozen=True)
+class Embed:
+    input: str | Patches = "tokens"
+    positions: Positions = Positions()
+    dropout: float = 0.0
+    norm: Norm | None = None
+
+
+@dataclass(frozen=True)
+class Attention:
+    heads: int
+    kv_heads: int
+    head_dim: int  # K: query/key dim per head
+    value_dim: int  # Dv: value dim per head
+    mask: str = "causal"  # causal | bidirectional
+    bias: bool = True  # on the q, k, v projections
+    out_bias: bool = True  # on the output projection
+    dropout: float = 0.0  # on attention probabilities
+
+
+@dataclass(frozen=True)
+class MLP:
+    hidden: int  # F
+    activation: str = "gelu"
+    bias: bool = True
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED
+
+
+@dataclass(frozen=True)
+class Layer:
+    attention: Attention
+    mlp: MLP
+    norm: Norm = Norm("layernorm")
+    placement: str = "pre"  # pre | post
+    dropout: float = 0.0  # on each residual branch
+
+
+@dataclass(frozen=True)
+class Head:
+    kind: str  # lm | classify | none
+    norm: Norm | None = None  # final norm before the head
+    tied: bool = False  # lm: output matrix is the token embedding
+    bias: bool = False
+    classes: int | None = None  # classify
+    pool: str = "first"  # classify: first token or mean over valid tokens
+    pooler: bool = False  # classify: dense + tanh on the pooled vector (BERT)
+
+
+@dataclass(frozen=True)
+class Init:
+    std: float = 0.02
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    width: int  # D
+    layers: tuple[Layer, ...]
+    head: Head
+    vocab: int | None = None  # V
+    context: int | None = None
+    embed: Embed = Embed()
+    init: Init = Init()
+    spans: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def patches(self) -> Patches | None:
+        return self.embed.input if isinstance(self.embed.input, Patches) else None
+
+    @property
+    def seq_len(self) -> int | None:
+        """The number of positions the model sees at most (context, or patches + class token)."""
+        p = self.patches
+        if p is not None:
+            return p.count + int(p.cls)
+        return self.context
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Names of the forward inputs, as in Hugging Face and the ONNX file."""
+        if self.patches is not None:
+            return ("pixel_values",)
+        return ("input_ids", "attention_mask")
+
+    @property
+    def output(self) -> str:
+        return "last_hidden_state" if self.head.kind == "none" else "logits"
+
+    def replace(self, **changes) -> Spec:
+        return replace(self, **changes)
+
+    def __str__(self) -> str:
+        from .printer import format_spec
+
+        return format_spec(self)
