@@ -24,8 +24,14 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors are user errors: exit 1, like every other
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="mptc",
         description="Compile transformer architecture specs to PyTorch (torch.fx), ONNX and .pt2.",
         epilog=EPILOG,

@@ -74,6 +74,9 @@ class _Builder:
         self.params[name] = info
         return self._tag(self.g.get_attr(name), info)
 
+    def input(self, name: str, **kw) -> fx.Node:
+        return self._tag(self.g.placeholder(name, **kw), NodeInfo("input"))
+
     def module(self, name: str, mod: nn.Module, args: tuple, role: str) -> fx.Node:
         owner, leaf = self._owner(name)
         owner.add_module(leaf, mod)
@@ -126,7 +129,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
     if spec.patches is not None:
         p = spec.patches
         src = mask_in = None
-        pixels = g.placeholder("pixel_values")
+        pixels = b.input("pixel_values")
         w = b.param("embed.patch.weight", (("D",), ("I",)), "embed.patch", "normal")
         w4 = b.method("view", w, spec.width, p.channels, p.patch, p.patch, role="embed.patch",
                       shape=("D", None, None, None))
@@ -136,8 +139,8 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
             cls = b.param("embed.cls", (("D",),), "embed.cls", "normal")
             x = b.call(ops.prepend, cls, x, role="embed.cls")  # (B, N + 1, D)
     else:
-        src = g.placeholder("input_ids")  # (B, T)
-        mask_in = g.placeholder("attention_mask", default_value=None)  # (B, T) or None
+        src = b.input("input_ids")  # (B, T)
+        mask_in = b.input("attention_mask", default_value=None)  # (B, T) or None
         tok = b.param("embed.tokens.weight", (("V",), ("D",)), "embed.tokens", "normal")
         x = b.call(F.embedding, src, tok, role="embed.tokens")
     if e.positions.kind == "learned":
@@ -202,7 +205,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
         if hd.pooler:
             x = b.call(torch.tanh, b.linear(x, "head.pooler", ("D",), ("D",), True, "head.pooler"), role="head.pooler")
         x = b.linear(x, "head.out", ("C",), ("D",), hd.bias, "head.out")  # (B, C)
-    g.output(x)
+    b._tag(g.output(x), NodeInfo("output"))
     return Lowered(g, b.root, b.params)
 
 

@@ -151,27 +151,30 @@ class _SourcePrinter:
     def has_comments(self, first: int, last: int) -> bool:
         return any(first <= c.line <= last for c in self.pending)
 
-    def entry(self, e: ast.Field | ast.Block, depth: int) -> None:
+    def entry(self, e: ast.Field | ast.Block, depth: int, last_on_line: bool) -> None:
         self.comments_before(e.span.line, depth)
         pad = INDENT * depth
         if isinstance(e, ast.Field):
-            self.out.append(f"{pad}{e.name} = {format_expr(e.value)}" + self.trailing(_end_line(e)))
+            tail = self.trailing(_end_line(e)) if last_on_line else ""
+            self.out.append(f"{pad}{e.name} = {format_expr(e.value)}" + tail)
             return
         head = e.name if e.arg is None else f"{e.name} {format_expr(e.arg)}"
-        self.block(head, e, depth)
+        self.block(head, e, depth, last_on_line)
 
-    def block(self, head: str, b: ast.Block, depth: int) -> None:
+    def block(self, head: str, b: ast.Block, depth: int, last_on_line: bool = True) -> None:
         pad = INDENT * depth
         one_line = b.span.line == b.end_line and not self.has_comments(b.span.line, b.end_line - 1)
         if one_line and all(isinstance(x, ast.Field) for x in b.body):
             inner = ", ".join(f"{x.name} = {format_expr(x.value)}" for x in b.body)
             text = f"{pad}{head} {{ {inner} }}" if inner else f"{pad}{head} {{ }}"
             if len(text) <= MAX_INLINE:
-                self.out.append(text + self.trailing(b.end_line))
+                self.out.append(text + (self.trailing(b.end_line) if last_on_line else ""))
                 return
-        self.out.append(f"{pad}{head} {{" + self.trailing(b.span.line))
-        for x in b.body:
-            self.entry(x, depth + 1)
+        # a comment at the end of the header line belongs to an entry on that line, if any
+        header_alone = not b.body or b.body[0].span.line > b.span.line
+        self.out.append(f"{pad}{head} {{" + (self.trailing(b.span.line) if header_alone else ""))
+        for x, nxt in zip(b.body, [*b.body[1:], None], strict=True):
+            self.entry(x, depth + 1, nxt is None or nxt.span.line > _end_line(x))
         self.comments_before(b.end_line, depth + 1)
         self.out.append(f"{pad}}}" + self.trailing(b.end_line))
 

@@ -1,0 +1,29 @@
+"""Shared fixtures: the tiny versions of the shipped examples (≤ 2M parameters each)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import mptc
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.mpt"))
+TINY = sorted((Path(__file__).parent / "specs").glob("tiny-*.mpt"))
+TINY_IDS = [p.stem for p in TINY]
+
+
+@pytest.fixture(params=TINY, ids=TINY_IDS)
+def tiny_path(request) -> Path:
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(tiny_path):
+    return mptc.build(mptc.load(tiny_path), seed=0).eval()
+
+
+def tiny(name: str):
+    """A tiny example model by short name (gpt2, llama, bert, vit), in eval mode."""
+    return mptc.build(mptc.load(Path(__file__).parent / "specs" / f"tiny-{name}.mpt"), seed=0).eval()
