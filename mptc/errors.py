@@ -60,7 +60,8 @@ class MptcError(Exception):
             text = s.source.line(s.line)
             width = (s.end_col - s.col) if s.end_line == s.line else len(text) - s.col + 1
             out.append(f"  {text}")
-            out.append("  " + " " * (s.col - 1) + "^" + "~" * max(0, width - 1))
+            pad = "".join(c if c == "\t" else " " for c in text[: s.col - 1])  # tabs kept, so the caret lines up
+            out.append("  " + pad.ljust(s.col - 1) + "^" + "~" * max(0, width - 1))
         if self.hint:
             out.append(f"  hint: {self.hint}")
         return "\n".join(out)

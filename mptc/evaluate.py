@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import syntax as ast
@@ -14,6 +14,7 @@ class Sym:
     """A bare identifier that is not a `let` constant: `causal`, `gelu`, `lm`, …"""
 
     name: str
+    near: str | None = field(default=None, compare=False)  # `did you mean` a constant, for errors
 
 
 @dataclass
@@ -64,7 +65,7 @@ def evaluate(expr: ast.Expr, env: dict[str, V]) -> V:
     if isinstance(expr, ast.Name):
         if expr.name in env:
             return V(env[expr.name].value, s)
-        return V(Sym(expr.name), s)
+        return V(Sym(expr.name, suggest(expr.name, list(env))), s)
     if isinstance(expr, ast.Neg):
         v = evaluate(expr.operand, env)
         return V(-_num(_known(v, env), "-"), s)
@@ -86,8 +87,7 @@ def evaluate(expr: ast.Expr, env: dict[str, V]) -> V:
 
 def _known(v: V, env: dict[str, V]) -> V:
     if isinstance(v.value, Sym):
-        hint = suggest(v.value.name, list(env))
-        raise SpecError(f"unknown constant '{v.value.name}'", v.span, hint or "define it first with `let`")
+        raise SpecError(f"unknown constant '{v.value.name}'", v.span, v.value.near or "define it first with `let`")
     return v
 
 
@@ -97,9 +97,10 @@ def _binop(op: str, a: V, b: V, span: Span) -> Any:
             return a.value + b.value
         if op == "*":
             lst, n = (a, b) if isinstance(a.value, list) else (b, a)
-            if isinstance(n.value, int) and not isinstance(n.value, bool) and n.value >= 0:
-                return [V(i.value, i.span) for _ in range(n.value) for i in lst.value]
-            raise SpecError(f"a list can be repeated only by a whole number, got {n.kind}", n.span)
+            return [V(i.value, i.span) for _ in range(_times(n)) for i in lst.value]
+        if op == "+":
+            other = b if isinstance(a.value, list) else a
+            raise SpecError(f"'+' joins two lists, got a list and {other.kind}", other.span)
         raise SpecError(f"'{op}' is not defined for lists", span, "lists support `+` (concatenate) and `* n` (repeat)")
     x, y = _num(a, op), _num(b, op)
     if op in ("/", "//", "%") and y == 0:
@@ -117,10 +118,22 @@ def _binop(op: str, a: V, b: V, span: Span) -> Any:
     return x % y
 
 
+def _times(n: V) -> int:
+    """How many times `list * n` repeats the list: a whole number, 0 or more."""
+    x = n.value
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or (isinstance(x, float) and not x.is_integer()):
+        shown = x if isinstance(x, float) else n.kind
+        raise SpecError(f"a list can be repeated only a whole number of times, got {shown}", n.span)
+    if x < 0:
+        raise SpecError(f"a list cannot be repeated a negative number of times ({x})", n.span)
+    return int(x)
+
+
 def evaluate_lets(lets: list[ast.Let]) -> dict[str, V]:
     env: dict[str, V] = {}
     for let in lets:
         if let.name in env:
-            raise SpecError(f"constant '{let.name}' is defined twice", let.span)
+            raise SpecError(f"constant '{let.name}' is defined twice", let.span,
+                            f"it is first defined on line {env[let.name].span.line}")
         env[let.name] = evaluate(let.value, env)
     return env

@@ -29,6 +29,8 @@ class NodeInfo:
     axes: Axes | None = None  # parameters: symbols of each axis
     shape: tuple | None = None  # view/reshape nodes: symbols of each target size (None = dynamic)
     init: str | None = None  # parameters: normal | residual | zeros | ones
+    io: tuple[str, ...] | None = None  # parameters, per axis: "out" (values it writes), "in" (what it reads
+    #                                    or is indexed by) or "norm" (a norm's gain or shift)
 
 
 @dataclass
@@ -66,11 +68,11 @@ class _Builder:
         self.layer: int | None = None
 
     # --- nodes ---
-    def param(self, name: str, axes: Axes, role: str, init: str) -> fx.Node:
+    def param(self, name: str, axes: Axes, role: str, init: str, io: tuple[str, ...]) -> fx.Node:
         shape = tuple(math.prod(self.sizes[s] for s in ax) for ax in axes)
         owner, leaf = self._owner(name)
         owner.register_parameter(leaf, nn.Parameter(torch.empty(shape, device=self.device)))
-        info = NodeInfo(role, self.layer, axes, None, init)
+        info = NodeInfo(role, self.layer, axes, None, init, io)
         self.params[name] = info
         return self._tag(self.g.get_attr(name), info)
 
@@ -104,15 +106,15 @@ class _Builder:
     # --- building blocks ---
     def linear(self, x: fx.Node, name: str, out_ax: tuple, in_ax: tuple, bias: bool, role: str,
                init: str = "normal") -> fx.Node:
-        w = self.param(f"{name}.weight", (out_ax, in_ax), role, init)
-        b = self.param(f"{name}.bias", (out_ax,), role, "zeros") if bias else None
+        w = self.param(f"{name}.weight", (out_ax, in_ax), role, init, ("out", "in"))
+        b = self.param(f"{name}.bias", (out_ax,), role, "zeros", ("out",)) if bias else None
         return self.call(F.linear, x, w, b, role=role)
 
     def norm(self, x: fx.Node, norm: S.Norm, name: str, role: str) -> fx.Node:
-        w = self.param(f"{name}.weight", (("D",),), role, "ones")
+        w = self.param(f"{name}.weight", (("D",),), role, "ones", ("norm",))
         if norm.kind == "rmsnorm":
             return self.call(F.rms_norm, x, (self.spec.width,), w, norm.eps, role=role, shape=("D",))
-        b = self.param(f"{name}.bias", (("D",),), role, "zeros") if norm.bias else None
+        b = self.param(f"{name}.bias", (("D",),), role, "zeros", ("norm",)) if norm.bias else None
         return self.call(F.layer_norm, x, (self.spec.width,), w, b, norm.eps, role=role, shape=("D",))
 
     def dropout(self, x: fx.Node, p: float, name: str, role: str) -> fx.Node:
@@ -130,21 +132,21 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
         p = spec.patches
         src = mask_in = None
         pixels = b.input("pixel_values")
-        w = b.param("embed.patch.weight", (("D",), ("I",)), "embed.patch", "normal")
+        w = b.param("embed.patch.weight", (("D",), ("I",)), "embed.patch", "normal", ("out", "in"))
         w4 = b.method("view", w, spec.width, p.channels, p.patch, p.patch, role="embed.patch",
                       shape=("D", None, None, None))
-        bias = b.param("embed.patch.bias", (("D",),), "embed.patch", "zeros")
+        bias = b.param("embed.patch.bias", (("D",),), "embed.patch", "zeros", ("out",))
         x = b.call(ops.patchify, pixels, w4, bias, p.patch, role="embed.patch")  # (B, N, D)
         if p.cls:
-            cls = b.param("embed.cls", (("D",),), "embed.cls", "normal")
+            cls = b.param("embed.cls", (("D",),), "embed.cls", "normal", ("out",))
             x = b.call(ops.prepend, cls, x, role="embed.cls")  # (B, N + 1, D)
     else:
         src = b.input("input_ids")  # (B, T)
         mask_in = b.input("attention_mask", default_value=None)  # (B, T) or None
-        tok = b.param("embed.tokens.weight", (("V",), ("D",)), "embed.tokens", "normal")
+        tok = b.param("embed.tokens.weight", (("V",), ("D",)), "embed.tokens", "normal", ("in", "out"))
         x = b.call(F.embedding, src, tok, role="embed.tokens")
     if e.positions.kind == "learned":
-        pos = b.param("embed.positions.weight", (("P",), ("D",)), "embed.positions", "normal")
+        pos = b.param("embed.positions.weight", (("P",), ("D",)), "embed.positions", "normal", ("in", "out"))
         ids = b.call(ops.positions, x, role="embed.positions")  # (T,)
         x = b.call(operator.add, x, b.call(F.embedding, ids, pos, role="embed.positions"), role="embed.positions")
     elif e.positions.kind == "sinusoidal":
@@ -160,7 +162,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
              for kind in sorted({layer.attention.mask for layer in spec.layers})}
     rope: dict[int, tuple[fx.Node, fx.Node]] = {}
     if e.positions.kind == "rope":
-        for k in sorted({layer.attention.head_dim for layer in spec.layers}):
+        for k in sorted({layer.attention.rotary for layer in spec.layers}):
             cs = b.call(ops.rope_tables, x, k, e.positions.theta, role="rope")
             rope[k] = (b.call(operator.getitem, cs, 0, role="rope"), b.call(operator.getitem, cs, 1, role="rope"))
 
@@ -171,7 +173,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
         pre = layer.placement == "pre"
 
         h = b.norm(x, layer.norm, f"layers.{i}.attn_norm", "norm.attn") if pre else x
-        att = _attention(b, i, a, h, bsz, seq, masks[a.mask], rope.get(a.head_dim))
+        att = _attention(b, i, a, h, bsz, seq, masks[a.mask], rope.get(a.rotary))
         att = b.dropout(att, layer.dropout, f"layers.{i}.attn_dropout", "attn.dropout")
         x = b.call(operator.add, x, att, role="residual.attn")
         if not pre:
@@ -193,7 +195,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
         if hd.tied:
             w = b.g.get_attr("embed.tokens.weight")
             b._tag(w, b.params["embed.tokens.weight"])
-            bias = b.param("head.bias", (("V",),), "head.out", "zeros") if hd.bias else None
+            bias = b.param("head.bias", (("V",),), "head.out", "zeros", ("out",)) if hd.bias else None
             x = b.call(F.linear, x, w, bias, role="head.out")  # (B, T, V)
         else:
             x = b.linear(x, "head.out", ("V",), ("D",), hd.bias, "head.out")  # (B, T, V)

@@ -38,8 +38,12 @@ def rope_tables(x: Tensor, dim: int, theta: float) -> tuple[Tensor, Tensor]:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B, H, T, K) by position: dim i pairs with i + K/2 (Hugging Face Llama)."""
-    half = x.shape[-1] // 2
+    """Rotate x (B, H, T, K) by position. cos/sin are (T, R): the first R dims rotate, dim i
+    paired with i + R/2 (Hugging Face Llama's "rotate half"); dims R..K pass through."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+    half = r // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 

@@ -78,9 +78,10 @@ def format_spec(spec: S.Spec) -> str:
     for k in ("norm", "placement", "dropout"):
         out.append(f"{INDENT * 2}{k} = {_per_layer([getattr(layer, k) for layer in ls])}")
     att = [layer.attention for layer in ls]
-    out += _block("attention", [(k, _per_layer([getattr(a, k) for a in att])) for k in
-                                ("heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias",
-                                 "dropout")], 2)
+    keys = ["heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout"]
+    if any(a.rotary_dim not in (None, a.head_dim) for a in att):
+        keys.append("rotary_dim")
+    out += _block("attention", [(k, _per_layer([getattr(a, k) for a in att])) for k in keys], 2)
     mlp = [layer.mlp for layer in ls]
     out += _block("mlp", [(k, _per_layer([getattr(m, k) for m in mlp])) for k in ("hidden", "activation", "bias")],
                   2)

@@ -17,11 +17,20 @@ from .evaluate import CallValue, Sym, V, evaluate, evaluate_lets
 # --- value converters: V -> python, errors at the value -----------------------------
 
 
+def not_a(v: V, what: str, expected: str) -> SpecError:
+    """`WHAT must be EXPECTED, got …`; a bare name where a number belongs is likely a misspelt constant."""
+    got = v.value if isinstance(v.value, float) else v.kind
+    hint = None
+    if isinstance(v.value, Sym):
+        hint = v.value.near or f"'{v.value.name}' is not a constant; define it with `let`"
+    return SpecError(f"{what} must be {expected}, got {got}", v.span, hint)
+
+
 def as_int(v: V, what: str, lo: int = 1) -> int:
     if isinstance(v.value, bool) or not isinstance(v.value, int):
         if isinstance(v.value, float) and v.value.is_integer():
             return as_int(V(int(v.value), v.span), what, lo)
-        raise SpecError(f"{what} must be a whole number, got {v.kind}", v.span)
+        raise not_a(v, what, "a whole number")
     if v.value < lo:
         raise SpecError(f"{what} must be at least {lo}, got {v.value}", v.span)
     return v.value
@@ -29,7 +38,7 @@ def as_int(v: V, what: str, lo: int = 1) -> int:
 
 def as_float(v: V, what: str, lo: float | None = None, hi: float | None = None) -> float:
     if isinstance(v.value, bool) or not isinstance(v.value, (int, float)):
-        raise SpecError(f"{what} must be a number, got {v.kind}", v.span)
+        raise not_a(v, what, "a number")
     x = float(v.value)
     if (lo is not None and x < lo) or (hi is not None and x >= hi):
         rng = f"in [{lo}, {hi})" if hi is not None else f"at least {lo}"
@@ -67,7 +76,9 @@ def call_args(v: V, what: str, params: dict[str, Callable[[V], Any]], required: 
     """Read a call's positional and keyword arguments by the order and names of `params`."""
     c: CallValue = v.value
     if len(c.args) > len(params):
-        raise SpecError(f"{c.name}() takes at most {len(params)} arguments", c.args[len(params)].span)
+        n = len(params)
+        raise SpecError(f"{c.name}() takes at most {n} argument{'s' if n > 1 else ''}", c.args[n].span,
+                        f"its arguments are {', '.join(params)}")
     got: dict[str, V] = dict(zip(params, c.args, strict=False))
     for k, a in c.kwargs.items():
         if k not in params:
@@ -149,8 +160,10 @@ class Fields:
         self.fields: dict[str, tuple[ast.Field, V]] = {}
         self.blocks: dict[str, ast.Block] = {}
         for e in block.body:
-            if e.name in self.fields or e.name in self.blocks:
-                raise SpecError(f"'{e.name}' is set twice in {where}", e.span)
+            first = self.fields[e.name][0] if e.name in self.fields else self.blocks.get(e.name)
+            if first is not None:
+                raise SpecError(f"'{e.name}' is set twice in {where}", e.span,
+                                f"it is first set on line {first.span.line}")
             if isinstance(e, ast.Field):
                 if e.name not in fields:
                     self._unknown(e, "field", blocks if e.name in blocks else None)
@@ -198,13 +211,18 @@ class PerLayer:
         if isinstance(v.value, list):
             if len(v.value) != self.n:
                 raise SpecError(
-                    f"'{name}' lists {len(v.value)} values but there are {self.n} layers",
+                    f"'{name}' lists {_count(len(v.value), 'value')} but there {'is' if self.n == 1 else 'are'} "
+                    f"{_count(self.n, 'layer')}",
                     v.span,
-                    f"give one value per layer, or a single value for all {self.n}",
+                    "give one value per layer, or a single value for all of them",
                 )
             return [conv(i) for i in v.value]
         x = conv(v)
         return [x] * self.n
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def layer_span(spans: dict, path: str, layer: int, fallback: Span) -> Span:
@@ -353,7 +371,8 @@ def _head(b: ast.Block, env: dict, spans: dict) -> S.Head:
     f = Fields(b, env, f"head {kind}", HEAD_FIELDS[kind])
     for k, v in extra.items():
         if k not in HEAD_FIELDS[kind]:
-            raise SpecError(f"unknown argument '{k}' for head {kind}", v.span, suggest(k, HEAD_FIELDS[kind]))
+            raise SpecError(f"unknown argument '{k}' for head {kind}", v.span,
+                            suggest(k, HEAD_FIELDS[kind]) or one_of(HEAD_FIELDS[kind]))
         if k in f.fields:
             raise SpecError(f"'{k}' is set twice in head {kind}", v.span)
         f.fields[k] = (None, v)  # type: ignore[assignment]
@@ -386,13 +405,15 @@ def _check(spec: S.Spec, m: ast.Block, spans: dict) -> None:
             raise SpecError(f"model '{spec.name}' reads tokens but has no `vocab = …`", m.span,
                             "set the vocabulary size, or `embed { input = patches(…) }` for images")
         if pos in ("learned", "sinusoidal") and spec.context is None:
-            raise SpecError(f"{pos} positions need `context = …` (the longest sequence)",
-                            pspan.span if pspan else m.span)
+            raise SpecError(f"{pos} positions{'' if pspan else ' (the default)'} need `context = …`",
+                            pspan.span if pspan else m.span,
+                            "set `context` to the longest sequence, or use `embed { positions = rope }` or none")
     if spec.head.kind == "lm":
         if spec.vocab is None:
             raise SpecError("an lm head needs `vocab = …`", spans["head"].span)
         if spec.head.tied and spec.patches is not None:
-            raise SpecError("a tied lm head needs token input", spans["head.tied"].span)
+            raise SpecError("a tied lm head needs token input", spans["head.tied"].span,
+                            "tying shares the token embedding, and a patch input has none; set tied = false")
     if spec.patches is not None and spec.patches.cls is False and spec.head.kind == "classify" \
             and spec.head.pool == "first":
         raise SpecError("pool = first needs a class token", spans.get("head.pool", spans["head"]).span,

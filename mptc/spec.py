@@ -64,6 +64,12 @@ class Attention:
     bias: bool = True  # on the q, k, v projections
     out_bias: bool = True  # on the output projection
     dropout: float = 0.0  # on attention probabilities
+    rotary_dim: int | None = None  # rope: dims rotated per head (default all of head_dim), the rest pass
+    #                                through; None without rope
+
+    @property
+    def rotary(self) -> int:
+        return self.rotary_dim if self.rotary_dim is not None else self.head_dim
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,14 @@ comments (for `mptc fmt`). Meaning is given later by `mptc.evaluate` and `mptc.s
 
 from __future__ import annotations
 
+import itertools
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
 import lark
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer, Tree, v_args
 
 from .errors import Source, Span, SpecError
 
@@ -175,6 +177,135 @@ def _expected(names) -> str:
     return ", ".join(pretty)
 
 
+KEYWORDS = ("let", "model", "true", "false")
+ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
+_BRACES = re.compile(r'"([^"\\\n]|\\.)*"|#[^\n]*|[{}]')
+
+
+def _unclosed_hint(text: str) -> str:
+    """Which '{' is never closed: one whose '}' is indented less than its line, else the innermost open one."""
+    lines = text.splitlines()
+    indent = [len(ln) - len(ln.lstrip()) for ln in lines]
+    open_: list[int] = []  # line numbers of the open braces
+    for m in _BRACES.finditer(text):
+        if m.group() not in ("{", "}"):
+            continue
+        line = text.count("\n", 0, m.start()) + 1
+        if m.group() == "{":
+            open_.append(line)
+        elif open_:
+            opener = open_.pop()
+            if lines[line - 1].lstrip().startswith("}") and indent[line - 1] < indent[opener - 1]:
+                return f"the '{{' on line {opener} looks unclosed: the '}}' on line {line} is indented less"
+    return f"the '{{' on line {open_[-1]} is never closed" if open_ else "a '{' is never closed"
+
+
+def _unescape(t: Token, src: Source) -> str:
+    """The value of a STRING token: quotes removed, escapes replaced."""
+
+    def one(m: re.Match) -> str:
+        if m.group(1) not in ESCAPES:
+            col = t.column + 1 + m.start()
+            raise SpecError(f"unknown escape '\\{m.group(1)}' in a string", Span(t.line, col, t.line, col + 2, src),
+                            "known escapes: " + " ".join("\\" + c for c in ESCAPES))
+        return ESCAPES[m.group(1)]
+
+    return re.sub(r"\\(.)", one, str(t)[1:-1])
+
+
+def _bounds(item) -> tuple[int, int, int, int]:
+    """(start_pos, end_pos, end_line, end_column) of a token or a tree from the parser's value stack."""
+    m = item if isinstance(item, Token) else item.meta
+    return m.start_pos, m.end_pos, m.end_line, m.end_column
+
+
+def _eof_span(src: Source) -> Span:
+    lines = src.text.splitlines() or [""]
+    return Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2, src)
+
+
+def _bad_characters(src: Source, e: lark.UnexpectedCharacters) -> SpecError:
+    text, pos = src.text, e.pos_in_stream
+    ch = text[pos] if pos < len(text) else ""
+    span = Span(e.line, e.column, e.line, e.column + 1, src)
+    if ch.isdigit() or (ch == "." and text[pos + 1 : pos + 2].isdigit()):
+        word = re.match(r"[.0-9][A-Za-z0-9_.]*", text[pos:]).group()  # type: ignore[union-attr]
+        span = Span(e.line, e.column, e.line, e.column + len(word), src)
+        return SpecError(f"malformed number '{word}'", span, "numbers look like 12, 1_000, 0.5 or 1e-6")
+    hint = {"'": "strings use double quotes", '"': "a string must end on the line where it starts"}.get(ch)
+    return SpecError(f"unexpected character {ch!r}", span, hint)
+
+
+def _entry(stack: list) -> list:
+    """The unfinished entry at the end of the parser's value stack: what follows `{` or the finished entries."""
+    for i in range(len(stack) - 1, 0, -1):
+        prev = stack[i - 1]
+        if (isinstance(prev, Token) and prev.type == "LBRACE") or (
+            isinstance(prev, Tree) and prev.data.startswith("__body")
+        ):
+            return stack[i:]
+    return []
+
+
+def _cut_entry(src: Source, stack: list, tok: Token, expected: set[str]) -> SpecError | None:
+    """An entry cut short at a line end (`width =`, `width`, `width 64`), so the next line was read as part of it."""
+    only_brace = expected == {"LBRACE"}  # `name arg` or `model name`, then no '{'
+    entry = stack[-2:] if only_brace else _entry(stack)
+    if not entry or not isinstance(entry[0], Token):
+        return None
+    first = entry[0]
+    head = list(itertools.takewhile(lambda x: _line(x) == first.line, entry))
+    spill = entry[len(head) :]  # at most the next line's entry name
+    if len(spill) > 1 or (spill and not (isinstance(spill[0], Token) and spill[0].type == "NAME")):
+        return None
+    kinds = [x.type if isinstance(x, Token) else "expr" for x in head]
+    end, end_line, end_col = _bounds(head[-1])[1:]
+    cut = tok.type == "$END" or _line(spill[0] if spill else tok) > end_line
+    if kinds == ["NAME"] and cut:
+        want = "'=' or '{'"
+    elif kinds == ["NAME", "EQUAL"] and cut:
+        want = "a value"
+    elif len(kinds) == 2 and kinds[1] != "EQUAL" and (cut or only_brace):
+        want = "'{'"
+    else:
+        return None
+    span = Span(end_line, end_col, end_line, end_col + 1, src)
+    if not cut:
+        span = Span(tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1, src)
+    header = " ".join(src.text[_bounds(first)[0] : end].split())
+    hint = None
+    if want == "'{'" and first.type == "NAME":
+        hint = f"for a field, write `{first} = {src.text[_bounds(head[1])[0] : end]}`"
+    return SpecError(f"expected {want} after `{header}`", span, hint)
+
+
+def _line(item) -> int:
+    return item.line if isinstance(item, Token) else item.meta.line
+
+
+def _bad_token(src: Source, e: lark.UnexpectedToken) -> SpecError:
+    tok = e.token
+    if tok.type == "$END":
+        span = _eof_span(src)
+    else:
+        span = Span(tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1, src)
+    stack = e.interactive_parser.parser_state.value_stack if e.interactive_parser else []
+    cut = _cut_entry(src, stack, tok, set(e.expected))
+    if cut:
+        return cut
+    if tok.type in ("LET", "MODEL", "TRUE", "FALSE") and "NAME" in e.expected:
+        return SpecError(f"'{tok.value}' is a keyword and cannot be used as a name", span)
+    prev = stack[-1] if stack else None
+    if tok.type == "EQUAL" and isinstance(prev, Token) and prev.type in ("TRUE", "FALSE"):  # f(true = 1)
+        return SpecError(f"'{prev.value}' is a keyword and cannot be used as a name", _span(src, prev))
+    hint = None
+    if "RBRACE" in e.expected and tok.type == "$END":
+        hint = _unclosed_hint(src.text)
+    elif tok.type == "MODEL":
+        hint = "a file defines a single model"
+    return SpecError(f"unexpected {_describe(tok)}; expected {_expected(e.expected)}", span, hint)
+
+
 def parse_file(text: str, name: str = "<spec>") -> File:
     """Parse spec text into a syntax tree; raise SpecError with a position on bad syntax."""
     src = Source(name, text)
@@ -183,31 +314,20 @@ def parse_file(text: str, name: str = "<spec>") -> File:
     try:
         tree = _parser().parse(text)
     except lark.UnexpectedCharacters as e:
-        ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
-        span = Span(e.line, e.column, e.line, e.column + 1, src)
-        hint = "strings use double quotes" if ch == "'" else None
-        raise SpecError(f"unexpected character {ch!r}", span, hint) from None
+        raise _bad_characters(src, e) from None
     except lark.UnexpectedToken as e:
-        tok = e.token
-        if tok.type == "$END":
-            lines = text.splitlines() or [""]
-            span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2, src)
-        else:
-            span = Span(tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1, src)
-        hint = None
-        if "RBRACE" in e.expected and tok.type == "$END":
-            hint = "a '{' is never closed"
-        elif tok.type in ("LET", "MODEL", "TRUE", "FALSE"):
-            hint = f"'{tok.value}' is a keyword and cannot be used as a name"
-        raise SpecError(f"unexpected {_describe(tok)}; expected {_expected(e.expected)}", span, hint) from None
+        raise _bad_token(src, e) from None
     except lark.UnexpectedEOF as e:
-        lines = text.splitlines() or [""]
-        span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2, src)
-        raise SpecError(f"unexpected end of file; expected {_expected(e.expected)}", span) from None
+        raise SpecError(f"unexpected end of file; expected {_expected(e.expected)}", _eof_span(src)) from None
     finally:
         _comment_sink.pop()
     comments = [Comment(t.line, t.column, str(t).rstrip()) for t in toks]
-    return _ToAst(src, comments).transform(tree)
+    try:
+        return _ToAst(src, comments).transform(tree)
+    except lark.exceptions.VisitError as e:  # a SpecError raised while building the tree
+        if isinstance(e.orig_exc, SpecError):
+            raise e.orig_exc from None
+        raise
 
 
 @v_args(meta=True)
@@ -225,13 +345,20 @@ class _ToAst(Transformer):
         model = next(i for i in items if isinstance(i, Block))
         return File(lets, model, self.src, self.comments)
 
+    def _name(self, tok: Token) -> str:
+        """A name being defined (constant, field, block, argument), which may not be a keyword."""
+        if tok in KEYWORDS:
+            raise SpecError(f"'{tok}' is a keyword and cannot be used as a name", _span(self.src, tok))
+        return str(tok)
+
     def let_stmt(self, meta, items):
         name, value = items
-        return Let(str(name), value, _span(self.src, name))
+        return Let(self._name(name), value, _span(self.src, name))
 
     def model(self, meta, items):
         name, body = items
-        blk = Block("model", Name(_span(self.src, name), str(name)), body, self._s(meta))
+        header = Span(meta.line, meta.column, name.end_line, name.end_column, self.src)  # `model NAME`
+        blk = Block("model", Name(_span(self.src, name), str(name)), body, header)
         blk.end_line = meta.end_line
         return blk
 
@@ -240,11 +367,11 @@ class _ToAst(Transformer):
 
     def field(self, meta, items):
         name, value = items
-        return Field(str(name), value, _span(self.src, name))
+        return Field(self._name(name), value, _span(self.src, name))
 
     def block(self, meta, items):
         name, arg, body = items
-        blk = Block(str(name), arg, body, _span(self.src, name))
+        blk = Block(self._name(name), arg, body, _span(self.src, name))
         blk.end_line = meta.end_line
         return blk
 
@@ -281,7 +408,10 @@ class _ToAst(Transformer):
 
     def float(self, meta, items):
         t = items[0]
-        return Num(_span(self.src, t), float(str(t).replace("_", "")), str(t))
+        value = float(str(t).replace("_", ""))
+        if value == float("inf"):
+            raise SpecError(f"number '{t}' is too large", _span(self.src, t))
+        return Num(_span(self.src, t), value, str(t))
 
     def true(self, meta, items):
         return Bool(self._s(meta), True)
@@ -291,7 +421,7 @@ class _ToAst(Transformer):
 
     def string(self, meta, items):
         t = items[0]
-        return Str(_span(self.src, t), bytes(str(t)[1:-1], "utf-8").decode("unicode_escape"), str(t))
+        return Str(_span(self.src, t), _unescape(t, self.src), str(t))
 
     def name(self, meta, items):
         t = items[0]
@@ -307,14 +437,15 @@ class _ToAst(Transformer):
             if isinstance(a, tuple):
                 kw.append(a)
             elif kw:
-                raise SpecError("positional argument after a keyword argument", a.span)
+                raise SpecError("positional argument after a keyword argument", a.span,
+                                "put positional arguments first, or name this one")
             else:
                 pos.append(a)
         return Call(self._s(meta), str(name), pos, kw)
 
     def kwarg(self, meta, items):
         name, value = items
-        return (str(name), value)
+        return (self._name(name), value)
 
     def list(self, meta, items):
         return ListExpr(self._s(meta), [i for i in items if i is not None])

@@ -118,7 +118,7 @@ def test_node_metadata_names_layers_roles_and_symbols():
     spec = mptc.spec_of(model)
     info = param_info(model)
     q = info["layers.1.attn.q.weight"]
-    assert q == NodeInfo("attn.q", 1, (("H[1]", "K[1]"), ("D",)), None, "normal")
+    assert q == NodeInfo("attn.q", 1, (("H[1]", "K[1]"), ("D",)), None, "normal", ("out", "in"))
     assert info["layers.2.mlp.down.weight"].axes == (("D",), ("F[2]",))
     assert info["layers.0.attn.o.weight"].init == "residual"
     # every parameter's shape is the product of its symbols' sizes
@@ -145,7 +145,8 @@ def test_graph_lints_and_is_trainable():
     losses = []
     for _ in range(30):
         logits = model(**x)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, spec.vocab), x["input_ids"][:, 1:].flatten())
+        targets = x["input_ids"][:, 1:].flatten()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, spec.vocab), targets)
         opt.zero_grad()
         loss.backward()
         opt.step()

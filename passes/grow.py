@@ -1,0 +1,355 @@
+"""Function-preserving growth (Gesmundo & Maile 2023, arXiv 2308.06103), one rule per pass.
+
+Each pass names the symbols it grows and which new entries must be zero; everything else
+(the tensors reached, the index maps, the certificate) is the engine's. Notation as in
+DESIGN.md: D width, V vocab, P positions, and per layer H heads, G kv heads, K query/key dim,
+Dv value dim, F MLP hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import fx
+
+from mptc import spec as S
+from mptc.model import spec_of
+
+from .base import Pass, PassError, layer_list
+from .engine import Change, Init, grouped_grow_map, grow_map
+
+
+def _with_layers(spec: S.Spec, edit) -> S.Spec:
+    return spec.replace(layers=tuple(edit(i, layer) for i, layer in enumerate(spec.layers)))
+
+
+def _not_smaller(what: str, size: str, old: int, new: int, i: int | None = None) -> None:
+    where = f" of layer {i}" if i is not None else ""
+    if new < old:
+        raise PassError(f"{what} cannot shrink the {size}{where} from {old} to {new}",
+                        hint="growth passes only grow; extraction makes models smaller")
+
+
+@dataclass
+class GrowMLP(Pass):
+    """F[l] ↑: new hidden units; their input rows (up, gate) free, their output columns zero."""
+
+    name = "grow_mlp"
+    hidden: int | None = None
+    factor: float | None = None
+    layers: list[int] | None = None
+    init: Init = field(default_factory=Init)
+
+    def _targets(self, model: fx.GraphModule) -> dict[int, int]:
+        if (self.hidden is None) == (self.factor is None):
+            raise PassError("grow_mlp needs exactly one of `hidden = N` or `factor = x`")
+        spec = spec_of(model)
+        out = {}
+        for i in layer_list(model, self.layers, self.name):
+            old = spec.layers[i].mlp.hidden
+            new = self.hidden if self.hidden is not None else round(old * self.factor)
+            _not_smaller(self.name, "MLP hidden size", old, new, i)
+            out[i] = new
+        return out
+
+    def requires(self, model):
+        self._targets(model)
+
+    def change(self, model):
+        spec, t = spec_of(model), self._targets(model)
+        new = _with_layers(spec, lambda i, ly: replace(ly, mlp=replace(ly.mlp, hidden=t[i])) if i in t else ly)
+        maps = {f"F[{i}]": grow_map(spec.layers[i].mlp.hidden, n) for i, n in t.items()}
+        return Change(new, maps, zero_side="in", init=self.init)
+
+
+@dataclass
+class AddHeads(Pass):
+    """H[l] ↑ by whole heads: new Q, K, V free; the new heads' columns of the output projection zero.
+
+    mode `join` (default with GQA): the new query heads join the existing kv groups evenly
+    (n must be a multiple of kv_heads; groups stay contiguous). mode `kv`: the new heads
+    bring their own kv heads, keeping the group size (n must be a multiple of heads/kv_heads).
+    Multi-head attention (kv_heads = heads) stays multi-head: kv heads grow with the heads.
+    """
+
+    name = "add_heads"
+    n: int = 1
+    layers: list[int] | None = None
+    mode: str | None = None  # join | kv
+    init: Init = field(default_factory=Init)
+
+    def _plan(self, model) -> dict[int, tuple[int, int]]:
+        spec = spec_of(model)
+        if self.n < 1:
+            raise PassError(f"add_heads needs n ≥ 1, got {self.n}", hint="growth passes only grow")
+        if self.mode not in (None, "join", "kv"):
+            raise PassError(f"add_heads: unknown mode '{self.mode}'", hint="use mode = join or mode = kv")
+        plan = {}
+        for i in layer_list(model, self.layers, self.name):
+            a = spec.layers[i].attention
+            r = a.heads // a.kv_heads
+            mode = self.mode or ("kv" if r == 1 else "join")
+            if mode == "join":
+                if self.n % a.kv_heads:
+                    raise PassError(f"add_heads: layer {i} has {a.kv_heads} kv groups, so new heads join them "
+                                    f"evenly only if n is a multiple of {a.kv_heads} (got {self.n})",
+                                    hint="choose such an n, or mode = kv to add whole groups")
+                plan[i] = (a.heads + self.n, a.kv_heads)
+            else:
+                if self.n % r:
+                    raise PassError(f"add_heads(mode = kv): layer {i} has {r} query heads per kv head, so n must "
+                                    f"be a multiple of {r} (got {self.n})")
+                plan[i] = (a.heads + self.n, a.kv_heads + self.n // r)
+        return plan
+
+    def requires(self, model):
+        self._plan(model)
+
+    def change(self, model):
+        spec, plan = spec_of(model), self._plan(model)
+        new = _with_layers(spec, lambda i, ly: replace(ly, attention=replace(
+            ly.attention, heads=plan[i][0], kv_heads=plan[i][1])) if i in plan else ly)
+        maps = {}
+        for i, (h, g) in plan.items():
+            a = spec.layers[i].attention
+            if g == a.kv_heads:  # join: each group grows in place
+                maps[f"H[{i}]"] = grouped_grow_map(g, a.heads // g, h // g)
+            else:
+                maps[f"H[{i}]"] = grow_map(a.heads, h)
+                maps[f"G[{i}]"] = grow_map(a.kv_heads, g)
+        return Change(new, maps, zero_side="in", init=self.init)
+
+
+@dataclass
+class AddKVHeads(Pass):
+    """G[l] ↑ by splitting each kv group: the new kv heads duplicate their group's (exact)."""
+
+    name = "add_kv_heads"
+    n: int = 1
+    layers: list[int] | None = None
+
+    def _plan(self, model) -> dict[int, int]:
+        spec = spec_of(model)
+        plan = {}
+        for i in layer_list(model, self.layers, self.name):
+            a = spec.layers[i].attention
+            g = a.kv_heads + self.n
+            if self.n < 1 or g > a.heads or a.heads % g or g % a.kv_heads:
+                ok = [d for d in range(a.kv_heads + 1, a.heads + 1) if a.heads % d == 0 and d % a.kv_heads == 0]
+                raise PassError(f"add_kv_heads: layer {i} cannot go from {a.kv_heads} to {g} kv heads; the count "
+                                f"must divide heads = {a.heads} and be a multiple of {a.kv_heads}",
+                                hint=f"reachable kv head counts: {', '.join(map(str, ok)) or 'none'}")
+            plan[i] = g
+        return plan
+
+    def requires(self, model):
+        self._plan(model)
+
+    def change(self, model):
+        spec, plan = spec_of(model), self._plan(model)
+        new = _with_layers(spec, lambda i, ly: replace(ly, attention=replace(ly.attention, kv_heads=plan[i]))
+                           if i in plan else ly)
+        maps = {f"G[{i}]": torch.arange(g) // (g // spec.layers[i].attention.kv_heads) for i, g in plan.items()}
+        return Change(new, maps)
+
+
+@dataclass
+class GrowHeadDim(Pass):
+    """Dv[l] ↑: new value columns free; the matching rows of the output projection zero."""
+
+    name = "grow_head_dim"
+    value: int = 0
+    layers: list[int] | None = None
+    init: Init = field(default_factory=Init)
+
+    def requires(self, model):
+        spec = spec_of(model)
+        for i in layer_list(model, self.layers, self.name):
+            _not_smaller(self.name, "value dim", spec.layers[i].attention.value_dim, self.value, i)
+
+    def change(self, model):
+        spec, ls = spec_of(model), layer_list(model, self.layers, self.name)
+        new = _with_layers(spec, lambda i, ly: replace(ly, attention=replace(ly.attention, value_dim=self.value))
+                           if i in ls else ly)
+        maps = {f"Dv[{i}]": grow_map(spec.layers[i].attention.value_dim, self.value) for i in ls}
+        return Change(new, maps, zero_side="in", init=self.init)
+
+
+@dataclass
+class GrowQK(Pass):
+    """K[l] ↑: new query columns free, new key columns zero, old keys × √(K'/K) so that the
+    1/√K' logit scale gives the old logits. With RoPE the new dims stay unrotated (the rotary
+    dims and their frequencies are unchanged)."""
+
+    name = "grow_qk"
+    dim: int = 0
+    layers: list[int] | None = None
+    init: Init = field(default_factory=Init)
+
+    def requires(self, model):
+        spec = spec_of(model)
+        for i in layer_list(model, self.layers, self.name):
+            a = spec.layers[i].attention
+            _not_smaller(self.name, "query/key dim", a.head_dim, self.dim, i)
+            if spec.embed.positions.kind == "rope" and (self.dim - a.head_dim) % 2:
+                raise PassError(f"grow_qk: layer {i} uses rotary embeddings, which work on pairs of dimensions; "
+                                f"{a.head_dim} → {self.dim} adds an odd number",
+                                hint=f"grow to {self.dim + 1} (whole rotary pairs)")
+
+    def change(self, model):
+        spec, ls = spec_of(model), layer_list(model, self.layers, self.name)
+        rope = spec.embed.positions.kind == "rope"
+
+        def edit(i, ly):
+            if i not in ls:
+                return ly
+            a = ly.attention  # with rope, the rotary dims (and so their frequencies) stay as they were
+            return replace(ly, attention=replace(a, head_dim=self.dim, rotary_dim=a.rotary if rope else None))
+
+        new = _with_layers(spec, edit)
+        maps = {f"K[{i}]": grow_map(spec.layers[i].attention.head_dim, self.dim) for i in ls}
+        factors = {i: math.sqrt(self.dim / spec.layers[i].attention.head_dim) for i in ls}
+        return Change(new, maps, zero_roles=frozenset({"attn.k"}), init=self.init,
+                      scale=lambda name, info: factors[info.layer] if info.role == "attn.k" and
+                      info.layer in factors else 1.0)
+
+
+@dataclass
+class GrowWidth(Pass):
+    """D ↑: new embedding columns and every residual writer's new rows zero, readers' new
+    columns free; RMSNorm gains × √(D/D') and eps × D/D', so the result is exact. LayerNorm
+    models are refused: zero padding changes their mean and variance."""
+
+    name = "grow_width"
+    width: int = 0
+    init: Init = field(default_factory=Init)
+
+    def requires(self, model):
+        spec = spec_of(model)
+        _not_smaller(self.name, "width", spec.width, self.width)
+        norms = [n for n in _norms(spec) if n is not None]
+        if any(n.kind == "layernorm" for n in norms):
+            raise PassError("grow_width is not exact for LayerNorm: zero-padded channels change the mean and the "
+                            "variance it normalises by", hint="grow RMSNorm models, or convert the norms first")
+
+    def change(self, model):
+        spec = spec_of(model)
+        f = spec.width / self.width
+
+        def norm(n: S.Norm | None) -> S.Norm | None:
+            return None if n is None else replace(n, eps=n.eps * f)
+
+        new = spec.replace(
+            width=self.width,
+            embed=replace(spec.embed, norm=norm(spec.embed.norm)),
+            layers=tuple(replace(ly, norm=norm(ly.norm)) for ly in spec.layers),
+            head=replace(spec.head, norm=norm(spec.head.norm)),
+        )
+        g = math.sqrt(f)
+        return Change(new, {"D": grow_map(spec.width, self.width)}, zero_side="out", init=self.init,
+                      scale=lambda name, info: g if info.io == ("norm",) else 1.0)
+
+
+def _norms(spec: S.Spec) -> list[S.Norm | None]:
+    return [spec.embed.norm, spec.head.norm, *(ly.norm for ly in spec.layers)]
+
+
+@dataclass
+class AddLayers(Pass):
+    """L ↑: new blocks (shaped like their neighbour) whose residual writers (attention output
+    and MLP down projections) start at zero, so each new block is the identity."""
+
+    name = "add_layers"
+    n: int = 1
+    at: int | None = None  # insert before this layer index; default: at the end
+    init: Init = field(default_factory=Init)
+
+    def _at(self, spec: S.Spec) -> int:
+        at = spec.n_layers if self.at is None else self.at
+        if not 0 <= at <= spec.n_layers:
+            raise PassError(f"add_layers: at = {at} is out of range; use 0..{spec.n_layers} (the model has "
+                            f"{spec.n_layers} layers)")
+        return at
+
+    def requires(self, model):
+        spec = spec_of(model)
+        if self.n < 1:
+            raise PassError(f"add_layers needs n ≥ 1, got {self.n}")
+        self._at(spec)
+        if any(ly.placement == "post" for ly in spec.layers):
+            raise PassError("add_layers is not exact for post-norm layers: the norm after the residual sum changes "
+                            "the stream even when the new block adds zero", hint="grow pre-norm models")
+
+    def change(self, model):
+        spec = spec_of(model)
+        at, n = self._at(spec), self.n
+        tpl = max(at - 1, 0)
+        layers = spec.layers[:at] + (spec.layers[tpl],) * n + spec.layers[at:]
+        new = spec.replace(layers=layers)
+
+        def origin(name: str) -> tuple[str | None, bool]:
+            if not name.startswith("layers."):
+                return name, False
+            _, j, rest = name.split(".", 2)
+            j = int(j)
+            if j < at:
+                return name, False
+            if j < at + n:
+                return f"layers.{tpl}.{rest}", True
+            return f"layers.{j - n}.{rest}", False
+
+        return Change(new, origin=origin, zero_roles=frozenset({"attn.o", "mlp.down"}), init=self.init)
+
+
+@dataclass
+class GrowVocab(Pass):
+    """V ↑: new token rows (and output rows of an untied head) free; a tied head stays tied.
+    The old tokens' logits are unchanged."""
+
+    name = "grow_vocab"
+    vocab: int = 0
+    init: Init = field(default_factory=Init)
+
+    def requires(self, model):
+        spec = spec_of(model)
+        if spec.vocab is None:
+            raise PassError("grow_vocab needs a model that reads tokens")
+        _not_smaller(self.name, "vocabulary", spec.vocab, self.vocab)
+
+    def change(self, model):
+        spec = spec_of(model)
+        return Change(spec.replace(vocab=self.vocab), {"V": grow_map(spec.vocab, self.vocab)}, init=self.init)
+
+    def comparable(self, old, new):
+        return (old, new[..., : old.shape[-1]]) if spec_is_lm(old, new) else (old, new)
+
+
+def spec_is_lm(old: torch.Tensor, new: torch.Tensor) -> bool:
+    return old.shape[:-1] == new.shape[:-1] and old.shape[-1] < new.shape[-1]
+
+
+@dataclass
+class GrowContext(Pass):
+    """P ↑: longer sequences; new learned position rows free (other position kinds just
+    change `context`)."""
+
+    name = "grow_context"
+    context: int = 0
+    init: Init = field(default_factory=Init)
+
+    def requires(self, model):
+        spec = spec_of(model)
+        if spec.patches is not None:
+            raise PassError("grow_context applies to token models; an image model's length is set by its patches")
+        _not_smaller(self.name, "context", spec.context or 0, self.context)
+
+    def change(self, model):
+        spec = spec_of(model)
+        maps = {"P": grow_map(spec.context, self.context)} if spec.embed.positions.kind == "learned" else {}
+        return Change(spec.replace(context=self.context), maps, init=self.init)
+
+
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (GrowMLP, AddHeads, GrowHeadDim, GrowQK, GrowWidth, AddLayers,
+                                                      AddKVHeads, GrowVocab, GrowContext)}

@@ -1,0 +1,131 @@
+"""Compose passes; check each result before the next pass sees it; carry an optimizer along."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import fx
+
+from mptc.model import spec_of
+
+from .base import Pass, PassError
+from .engine import Certificate, TensorClaim, index_pairs
+from .verify import F32_TOL, F64_TOL, as_dtype, certificate_problems, max_error, probes, well_formed
+
+
+@dataclass
+class PassReport:
+    """What one pass did and what the checks measured (one entry of report.json)."""
+
+    name: str
+    call: str
+    params_before: int
+    params_after: int
+    tensors: list[dict]
+    max_abs_error_float64: float
+    max_abs_error_float32: float
+    seconds: float
+    verify_seconds: float
+
+
+@dataclass
+class Report:
+    passes: list[PassReport] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+
+    def to_json(self) -> dict:
+        return {"passes": [asdict(p) for p in self.passes],
+                "tolerances": {"float64": F64_TOL, "float32": F32_TOL}}
+
+
+class Pipeline:
+    """`Pipeline([grow_mlp(...), add_layers(...)])(model) -> (model, report)`.
+
+    After every pass: well-formedness, the certificate, and behaviour (old and new models agree
+    on probe batches within 1e-9 in float64 and 1e-5 in float32, relative to max(1, |logit|)).
+    A failed check raises PassError. With `optimizer=` (Adam or AdamW) its state is grown with
+    the parameters and the new optimizer is `report.optimizer`.
+    """
+
+    def __init__(self, passes: list[Pass], check: bool = True):
+        self.passes = list(passes)
+        self.check = check
+
+    def __call__(self, model: fx.GraphModule, optimizer: torch.optim.Optimizer | None = None
+                 ) -> tuple[fx.GraphModule, Report]:
+        report = Report()
+        for p in self.passes:
+            t0 = time.perf_counter()
+            new, cert = p.apply(model)
+            t1 = time.perf_counter()
+            e64, e32 = self._verify(p, model, new, cert) if self.check else (float("nan"), float("nan"))
+            t2 = time.perf_counter()
+            if optimizer is not None:
+                optimizer = grow_optimizer(optimizer, model, new, cert)
+            report.passes.append(PassReport(
+                p.name, str(p), _count(model), _count(new), cert.to_json(), e64, e32, t1 - t0, t2 - t1))
+            model = new
+        report.optimizer = optimizer
+        return model, report
+
+    def _verify(self, p: Pass, old: fx.GraphModule, new: fx.GraphModule, cert: Certificate) -> tuple[float, float]:
+        problems = well_formed(new) + certificate_problems(old, new, cert)
+        if problems:
+            raise PassError(f"{p} produced an inconsistent model: " + "; ".join(problems[:5]))
+        if not p.exact:
+            return float("nan"), float("nan")
+        inputs = probes(spec_of(old))
+        # float64: the pass applied to a float64 copy, so the proof is checked without float32 rounding
+        # (a scaled gain is exact only up to the dtype it is stored in)
+        old64 = as_dtype(old, torch.float64)
+        new64, _ = p.apply(old64)
+        e64 = max_error(old64, new64, inputs, torch.float64, p.comparable)
+        e32 = max_error(old, new, inputs, torch.float32, p.comparable)
+        if not (e64 <= F64_TOL and e32 <= F32_TOL):
+            raise PassError(f"{p} changed the model's function: max error {e64:.3g} in float64 (tolerance "
+                            f"{F64_TOL:g}), {e32:.3g} in float32 (tolerance {F32_TOL:g})")
+        return e64, e32
+
+
+def _count(model: fx.GraphModule) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def grow_optimizer(opt: torch.optim.Optimizer, old: fx.GraphModule, new: fx.GraphModule, cert: Certificate
+                   ) -> torch.optim.Optimizer:
+    """The same optimizer over the new parameters: moments mapped like the weights (new entries
+    zero; first moments × scale, second × scale²), `step` kept."""
+    if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        raise PassError(f"growing optimizer state is supported for Adam and AdamW, not {type(opt).__name__}")
+    old_params = dict(old.named_parameters())
+    claims: dict[str, TensorClaim] = {c.name: c for c in cert.claims}
+    group_of = {id(p): gi for gi, g in enumerate(opt.param_groups) for p in g["params"]}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in opt.param_groups]
+    states = {}
+    for name, p in new.named_parameters():
+        c = claims.get(name)
+        src = old_params.get(c.source if c else name)
+        groups[group_of.get(id(src), 0) if src is not None else 0]["params"].append(p)
+        st = opt.state.get(src) if src is not None else None
+        if st:
+            states[p] = {k: _map_state(k, v, c, p) for k, v in st.items()}
+    out = type(opt)(groups)
+    for p, st in states.items():
+        out.state[p] = st
+    return out
+
+
+def _map_state(key: str, v, c: TensorClaim | None, p: torch.Tensor):
+    if not torch.is_tensor(v) or v.dim() == 0 or key == "step":
+        return v.clone() if torch.is_tensor(v) else v
+    if c is None:
+        return v.clone()
+    out = torch.zeros(p.shape, dtype=v.dtype)
+    if c.fresh:
+        return out
+    s = c.scale ** (2 if key in ("exp_avg_sq", "max_exp_avg_sq") else 1)
+    ni, oi = index_pairs([torch.tensor(x) if x is not None else None for x in c.srcs], c.new_shape)
+    out[ni] = v[oi] * s
+    return out

@@ -1,0 +1,68 @@
+"""The checks run after every pass: well-formedness, the certificate, and behaviour."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from mptc import spec as S
+from mptc.export import example_inputs
+from mptc.model import build, spec_of
+from mptc.schema import parse
+
+from .engine import Certificate, check_claim, check_shapes
+
+F64_TOL = 1e-9
+F32_TOL = 1e-5
+
+
+def probes(spec: S.Spec, n: int = 2, seq: int = 16, seed: int = 1234) -> list[dict[str, torch.Tensor]]:
+    """Probe batches valid for `spec`: random inputs, the second with padding."""
+    return [example_inputs(spec, batch=2, seq=seq, seed=seed + i, padded=i % 2 == 1) for i in range(n)]
+
+
+def as_dtype(model: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
+    """A copy of `model` in `dtype` (eval mode); the original is left as it is."""
+    sd = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+    return build(spec_of(model), weights=sd, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def max_error(old: fx.GraphModule, new: fx.GraphModule, inputs: list[dict], dtype: torch.dtype,
+              comparable=None) -> float:
+    """Max abs difference between two models' outputs, relative to max(1, |output|)."""
+    a_model, b_model = as_dtype(old, dtype), as_dtype(new, dtype)
+    worst = 0.0
+    for x in inputs:
+        x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
+        a, b = a_model(**x), b_model(**x)
+        if comparable is not None:
+            a, b = comparable(a, b)
+        if a.shape != b.shape:
+            return float("inf")
+        worst = max(worst, float(((a - b).abs() / a.abs().clamp(min=1.0)).max()))
+    return worst
+
+
+def well_formed(model: fx.GraphModule) -> list[str]:
+    """Graph lint, spec ↔ graph sizes, and the spec's text round trip."""
+    problems = []
+    try:
+        model.graph.lint()
+    except Exception as e:  # lint raises plain RuntimeErrors
+        problems.append(f"graph lint: {e}")
+    problems += check_shapes(model)
+    spec = spec_of(model)
+    if parse(str(spec)) != spec:
+        problems.append("the new spec does not round-trip through its text")
+    return problems
+
+
+def certificate_problems(old: fx.GraphModule, new: fx.GraphModule, cert: Certificate) -> list[str]:
+    old_sd, new_sd = old.state_dict(), new.state_dict()
+    out = []
+    for c in cert.claims:
+        why = check_claim(c, old_sd.get(c.source) if c.source else None, new_sd[c.name])
+        if why:
+            out.append(why)
+    return out
