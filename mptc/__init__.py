@@ -15,7 +15,24 @@ from .schema import parse
 from .spec import Spec
 from .summary import summarize
 
+
+def from_hf(path_or_model, **kw):
+    """A GraphModule from a Hugging Face model dir or a `transformers` model object (see mptc.hf)."""
+    from .hf import from_hf as _from_hf
+
+    return _from_hf(path_or_model, **kw)
+
+
+def to_hf(model, path, **kw):
+    """Write a Hugging Face checkpoint (config.json + model.safetensors) for a GPT-2 or Llama-family model."""
+    from .hf import to_hf as _to_hf
+
+    return _to_hf(model, path, **kw)
+
+
 __all__ = [
+    "from_hf",
+    "to_hf",
     "MptcError",
     "Spec",
     "SpecError",

@@ -67,6 +67,22 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     c.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
 
+    c = sub.add_parser("import-hf", help="import a Hugging Face checkpoint as a model dir",
+                       description="Read a Hugging Face model directory (config.json and *.safetensors, sharded or "
+                       "not, or pytorch_model.bin) and write a model dir. Families: GPT-2, Llama, Mistral, Qwen2, "
+                       "BERT, ViT. Needs `pip install \"mptc[hf]\"` only for export-hf.")
+    c.add_argument("src", metavar="HF_DIR")
+    c.add_argument("-o", "--output", required=True, metavar="MODEL_DIR")
+
+    c = sub.add_parser("export-hf", help="export a model dir as a Hugging Face checkpoint",
+                       description="Write config.json and model.safetensors that `transformers` loads with "
+                       "AutoModelForCausalLM (GPT-2 and Llama families). Models the family's config cannot hold are "
+                       "refused, naming the field.")
+    c.add_argument("spec", metavar="SRC")
+    c.add_argument("-o", "--output", required=True, metavar="HF_DIR")
+    c.add_argument("--family", choices=("gpt2", "llama"), help="default: the family the model fits")
+    c.add_argument("--seed", type=int, default=0)
+
     c = sub.add_parser("run", help="run a model on inputs",
                        description="Run SRC in PyTorch, or an ONNX file in ONNX Runtime, and print the output's "
                        "shape and top predictions.")
@@ -287,7 +303,24 @@ def _print_top(spec, out: np.ndarray, k: int) -> None:
         print(f"  row {b}: top {what} {items}")
 
 
-COMMANDS = {"check": cmd_check, "fmt": cmd_fmt, "summary": cmd_summary, "compile": cmd_compile, "run": cmd_run}
+def cmd_import_hf(args) -> int:
+    from .hf import import_hf
+
+    import_hf(args.src, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    from .hf import export_hf
+    from .model import load_model
+
+    export_hf(load_model(args.spec, seed=args.seed), args.output, family=args.family)
+    print(f"wrote {args.output}")
+    return 0
+
+
+COMMANDS = {"import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "check": cmd_check, "fmt": cmd_fmt, "summary": cmd_summary, "compile": cmd_compile, "run": cmd_run}
 
 if __name__ == "__main__":
     sys.exit(main())

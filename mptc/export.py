@@ -39,7 +39,10 @@ def example_inputs(spec: S.Spec, batch: int = 2, seq: int = 8, seed: int = 0,
     if padded:  # right padding, a different amount per row, never a whole row
         for i in range(batch):
             mask[i, seq - min(seq - 1, 1 + i + seq // 4):] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+    out = {"input_ids": ids, "attention_mask": mask}
+    if spec.embed.segments:  # two segments, as in BERT's sentence pairs
+        out["token_type_ids"] = (torch.arange(seq) >= seq // 2).long().expand(batch, seq).contiguous()
+    return out
 
 
 def dynamic_shapes(spec: S.Spec) -> dict:
@@ -47,7 +50,7 @@ def dynamic_shapes(spec: S.Spec) -> dict:
     if spec.patches is not None:
         return {"pixel_values": {0: batch}}
     seq = Dim("sequence", min=1, max=spec.seq_len or 1 << 20)
-    return {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    return {name: {0: batch, 1: seq} for name in spec.inputs}
 
 
 def _export_inputs(spec: S.Spec) -> dict[str, torch.Tensor]:

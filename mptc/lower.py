@@ -40,6 +40,9 @@ class Lowered:
     params: dict[str, NodeInfo] = field(default_factory=dict)
 
 
+ACT = {"gelu": F.gelu, "gelu_tanh": ops.gelu_tanh, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
+
+
 def sizes(spec: S.Spec) -> dict[str, int]:
     """The value of every dimension symbol of a spec."""
     out = {"D": spec.width, "L": spec.n_layers}
@@ -49,6 +52,8 @@ def sizes(spec: S.Spec) -> dict[str, int]:
         out["P"] = spec.seq_len
     if spec.head.classes is not None:
         out["C"] = spec.head.classes
+    if spec.embed.segments:
+        out["S"] = spec.embed.segments
     if spec.patches is not None:
         out["I"] = spec.patches.channels * spec.patches.patch**2  # patch input features
     for i, layer in enumerate(spec.layers):
@@ -145,6 +150,11 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
         mask_in = b.input("attention_mask", default_value=None)  # (B, T) or None
         tok = b.param("embed.tokens.weight", (("V",), ("D",)), "embed.tokens", "normal", ("in", "out"))
         x = b.call(F.embedding, src, tok, role="embed.tokens")
+        if e.segments:
+            types = b.input("token_type_ids", default_value=None)  # (B, T) or None
+            table = b.param("embed.segments.weight", (("S",), ("D",)), "embed.segments", "normal", ("in", "out"))
+            x = b.call(operator.add, x, b.call(ops.segment_embed, types, x, table, role="embed.segments"),
+                       role="embed.segments")
     if e.positions.kind == "learned":
         pos = b.param("embed.positions.weight", (("P",), ("D",)), "embed.positions", "normal", ("in", "out"))
         ids = b.call(ops.positions, x, role="embed.positions")  # (T,)
@@ -158,8 +168,9 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
     # --- shared per-forward tensors: batch/sequence sizes, masks, rotary tables ---
     bsz = b.method("size", x, 0, role="shape")
     seq = b.method("size", x, 1, role="shape")
-    masks = {kind: b.call(ops.attention_mask, mask_in, x, kind == "causal", role=f"mask.{kind}")
-             for kind in sorted({layer.attention.mask for layer in spec.layers})}
+    kinds = sorted({(layer.attention.mask, layer.attention.window or 0) for layer in spec.layers})
+    masks = {(kind, w): b.call(ops.attention_mask, mask_in, x, kind == "causal", w or None, role=f"mask.{kind}")
+             for kind, w in kinds}
     rope: dict[int, tuple[fx.Node, fx.Node]] = {}
     if e.positions.kind == "rope":
         for k in sorted({layer.attention.rotary for layer in spec.layers}):
@@ -173,7 +184,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
         pre = layer.placement == "pre"
 
         h = b.norm(x, layer.norm, f"layers.{i}.attn_norm", "norm.attn") if pre else x
-        att = _attention(b, i, a, h, bsz, seq, masks[a.mask], rope.get(a.rotary))
+        att = _attention(b, i, a, h, bsz, seq, masks[a.mask, a.window or 0], rope.get(a.rotary))
         att = b.dropout(att, layer.dropout, f"layers.{i}.attn_dropout", "attn.dropout")
         x = b.call(operator.add, x, att, role="residual.attn")
         if not pre:
@@ -192,6 +203,11 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
     if hd.norm is not None:
         x = b.norm(x, hd.norm, "head.norm", "norm.head")
     if hd.kind == "lm":
+        if hd.transform is not None:  # (B, T, D) → (B, T, D)
+            x = b.call(ACT[hd.transform.activation], b.linear(x, "head.transform", ("D",), ("D",), True,
+                                                                "head.transform"), role="head.transform")
+            if hd.transform.norm is not None:
+                x = b.norm(x, hd.transform.norm, "head.transform_norm", "norm.transform")
         if hd.tied:
             w = b.g.get_attr("embed.tokens.weight")
             b._tag(w, b.params["embed.tokens.weight"])
@@ -245,8 +261,7 @@ def _mlp(b: _Builder, i: int, m: S.MLP, h: fx.Node) -> fx.Node:
     hid = (f"F[{i}]",)
     pre = f"layers.{i}.mlp"
     up = b.linear(h, f"{pre}.up", hid, ("D",), m.bias, "mlp.up")  # (B, T, F)
-    act = {"gelu": F.gelu, "gelu_tanh": ops.gelu_tanh, "relu": F.relu, "silu": F.silu}[S.GATED.get(m.activation,
-                                                                                                   m.activation)]
+    act = ACT[S.GATED.get(m.activation, m.activation)]
     if m.gated:
         gate = b.linear(h, f"{pre}.gate", hid, ("D",), m.bias, "mlp.gate")  # (B, T, F)
         z = b.call(operator.mul, b.call(act, gate, role="mlp.act"), up, role="mlp.act")

@@ -48,20 +48,31 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def attention_mask(mask: Tensor | None, x: Tensor, causal: bool) -> Tensor | None:
+def attention_mask(mask: Tensor | None, x: Tensor, causal: bool, window: int | None = None) -> Tensor | None:
     """Boolean attention mask (B or 1, 1, T, T), True where a query may attend a key.
 
-    `mask` is the (B, T) padding mask (1 = token, 0 = padding) or None. Every query may
-    always attend to itself, so a padded query never sees an empty row (no NaN); real
-    tokens never attend to padding.
+    `mask` is the (B, T) padding mask (1 = token, 0 = padding) or None. With `window`, query
+    i sees only keys j with |i - j| < window. Every query may always attend to itself, so a
+    padded query never sees an empty row (no NaN); real tokens never attend to padding.
     """
     t = x.shape[1]
     keep = torch.ones(t, t, dtype=torch.bool, device=x.device).tril() if causal else None  # (T, T)
+    if window is not None:
+        i = torch.arange(t, device=x.device)
+        near = (i[:, None] - i[None, :]).abs() < window  # (T, T)
+        keep = near if keep is None else keep & near
     if mask is None:
         return None if keep is None else keep[None, None]
     pad = mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, T)
     keep = pad if keep is None else pad & keep
     return keep | torch.eye(t, dtype=torch.bool, device=x.device)  # (B, 1, T, T)
+
+
+def segment_embed(token_type_ids: Tensor | None, x: Tensor, table: Tensor) -> Tensor:
+    """Token-type embeddings (B, T, D) for x (B, T, D); all type 0 when no ids are given."""
+    if token_type_ids is None:
+        return table[0].expand_as(x)
+    return F.embedding(token_type_ids, table)
 
 
 def prepend(token: Tensor, x: Tensor) -> Tensor:

@@ -67,12 +67,11 @@ def format_spec(spec: S.Spec) -> str:
     out.append(f"{INDENT}width = {spec.width}")
     out.append(f"{INDENT}init = normal(std = {_lit(spec.init.std)})")
     e = spec.embed
-    out += _block(
-        "embed",
-        [("input", _input(e.input)), ("positions", _positions(e.positions)), ("dropout", _lit(e.dropout)),
-         ("norm", _lit(e.norm))],
-        1,
-    )
+    ef = [("input", _input(e.input)), ("positions", _positions(e.positions)), ("dropout", _lit(e.dropout)),
+          ("norm", _lit(e.norm))]
+    if e.segments:
+        ef.append(("segments", str(e.segments)))
+    out += _block("embed", ef, 1)
     ls = spec.layers
     out.append(f"{INDENT}layers {len(ls)} {{")
     for k in ("norm", "placement", "dropout"):
@@ -81,6 +80,8 @@ def format_spec(spec: S.Spec) -> str:
     keys = ["heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout"]
     if any(a.rotary_dim not in (None, a.head_dim) for a in att):
         keys.append("rotary_dim")
+    if any(a.window is not None for a in att):
+        keys.append("window")
     out += _block("attention", [(k, _per_layer([getattr(a, k) for a in att])) for k in keys], 2)
     mlp = [layer.mlp for layer in ls]
     out += _block("mlp", [(k, _per_layer([getattr(m, k) for m in mlp])) for k in ("hidden", "activation", "bias")],
@@ -90,6 +91,8 @@ def format_spec(spec: S.Spec) -> str:
     hf = [("norm", _lit(h.norm))]
     if h.kind == "lm":
         hf += [("tied", _lit(h.tied)), ("bias", _lit(h.bias))]
+        if h.transform is not None:
+            hf.append(("transform", f"dense(activation = {h.transform.activation}, norm = {_lit(h.transform.norm)})"))
     elif h.kind == "classify":
         hf += [("classes", str(h.classes)), ("pool", h.pool), ("pooler", _lit(h.pooler)), ("bias", _lit(h.bias))]
     out += _block(f"head {h.kind}", hf, 1)

@@ -142,6 +142,22 @@ def as_input(v: V) -> str | S.Patches:
     return choice
 
 
+def _is_none(v: V) -> bool:
+    return isinstance(v.value, Sym) and v.value.name == "none"
+
+
+def as_transform(v: V) -> S.Transform | None:
+    if _is_none(v):
+        return None
+    if isinstance(v.value, CallValue) and v.value.name == "dense":
+        return S.Transform(**call_args(v, "transform", {
+            "activation": lambda a: as_choice(a, "activation", S.PLAIN_ACTIVATIONS),
+            "norm": lambda a: as_norm(a, "norm", allow_none=True),
+        }))
+    raise SpecError(f"transform must be dense(activation = …, norm = …) or none, got {v.kind}", v.span,
+                    "write transform = dense(activation = gelu, norm = layernorm(eps = 1e-12))")
+
+
 def as_init(v: V) -> S.Init:
     if isinstance(v.value, CallValue) and v.value.name == "normal":
         return S.Init(**call_args(v, "init", {"std": lambda a: as_pos_float(a, "std")}))
@@ -239,12 +255,13 @@ def layer_span(spans: dict, path: str, layer: int, fallback: Span) -> Span:
 
 MODEL_FIELDS = ("vocab", "context", "width", "init")
 MODEL_BLOCKS = ("embed", "layers", "head")
-EMBED_FIELDS = ("input", "positions", "dropout", "norm")
+EMBED_FIELDS = ("input", "positions", "dropout", "norm", "segments")
 LAYER_FIELDS = ("norm", "placement", "dropout")
-ATTN_FIELDS = ("heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout")
+ATTN_FIELDS = ("heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout", "rotary_dim",
+               "window")
 MLP_FIELDS = ("hidden", "activation", "bias")
 HEAD_FIELDS = {
-    "lm": ("norm", "tied", "bias"),
+    "lm": ("norm", "tied", "bias", "transform"),
     "classify": ("norm", "classes", "pool", "pooler", "bias"),
     "none": ("norm",),
 }
@@ -267,7 +284,7 @@ def to_spec(file: ast.File) -> S.Spec:
     embed = _embed(f.blocks.get("embed"), env, spans)
     if "layers" not in f.blocks:
         raise SpecError(f"model '{name}' has no `layers N {{ … }}` block", m.span)
-    layers = _layers(f.blocks["layers"], env, width, spans)
+    layers = _layers(f.blocks["layers"], env, width, spans, embed.positions.kind == "rope")
     if "head" not in f.blocks:
         raise SpecError(f"model '{name}' has no `head … {{ … }}` block", m.span, "write `head lm { … }`, "
                         "`head classify { classes = … }` or `head none { }`")
@@ -291,10 +308,11 @@ def _embed(b: ast.Block | None, env: dict, spans: dict) -> S.Embed:
         positions=f.take("positions", as_positions, S.Positions()),
         dropout=f.take("dropout", lambda v: as_prob(v, "dropout"), 0.0),
         norm=f.take("norm", lambda v: as_norm(v, "norm", allow_none=True)),
+        segments=f.take("segments", lambda v: as_int(v, "segments", lo=0), 0),
     )
 
 
-def _layers(b: ast.Block, env: dict, width: int, spans: dict) -> list[S.Layer]:
+def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> list[S.Layer]:
     if b.arg is None:
         raise SpecError("`layers` needs a count", b.span, "write `layers 12 { … }`")
     n = as_int(evaluate(b.arg, env), "the number of layers")
@@ -320,7 +338,16 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict) -> list[S.Layer]:
     bias = af.take("bias", lambda v: as_bool(v, "bias"), True)
     out_bias = af.take("out_bias", lambda v: as_bool(v, "out_bias"), lambda i: bias[i])
     adrop = af.take("dropout", lambda v: as_prob(v, "dropout"), 0.0)
+    rot_v = af.f.get("rotary_dim")
+    if rot_v is not None and not rope:
+        raise SpecError("rotary_dim needs rotary positions", rot_v.span,
+                        "set `embed { positions = rope(theta = …) }`, or remove rotary_dim")
+    rotary = af.take("rotary_dim", lambda v: as_int(v, "rotary_dim"), lambda i: head_dim[i] if rope else None)
+    window = af.take("window", lambda v: None if _is_none(v) else as_int(v, "window"), None)
     for i in range(n):
+        if rotary[i] is not None and rotary[i] > head_dim[i]:
+            raise SpecError(f"rotary_dim = {rotary[i]} exceeds head_dim = {head_dim[i]} in layer {i}",
+                            layer_span(spans, "layers.attention.rotary_dim", i, ab.span))
         hspan = layer_span(spans, "layers.attention.heads", i, ab.span)
         if not hd_given and width % heads[i]:
             raise SpecError(
@@ -346,7 +373,8 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict) -> list[S.Layer]:
 
     return [
         S.Layer(
-            attention=S.Attention(heads[i], kv[i], head_dim[i], value_dim[i], mask[i], bias[i], out_bias[i], adrop[i]),
+            attention=S.Attention(heads[i], kv[i], head_dim[i], value_dim[i], mask[i], bias[i], out_bias[i], adrop[i],
+                                  rotary[i], window[i]),
             mlp=S.MLP(hidden[i], act[i], mbias[i]),
             norm=norm[i],
             placement=placement[i],
@@ -383,7 +411,8 @@ def _head(b: ast.Block, env: dict, spans: dict) -> S.Head:
     norm = f.take("norm", lambda v: as_norm(v, "norm", allow_none=True))
     if kind == "lm":
         return S.Head("lm", norm, tied=f.take("tied", lambda v: as_bool(v, "tied"), False),
-                      bias=f.take("bias", lambda v: as_bool(v, "bias"), False))
+                      bias=f.take("bias", lambda v: as_bool(v, "bias"), False),
+                      transform=f.take("transform", as_transform))
     if kind == "classify":
         return S.Head(
             "classify",
@@ -420,12 +449,18 @@ def _check(spec: S.Spec, m: ast.Block, spans: dict) -> None:
                         "set patches(…, cls = true) or pool = mean")
     if pos == "rope":
         for i, layer in enumerate(spec.layers):
-            if layer.attention.head_dim % 2:
+            a = layer.attention
+            if a.rotary % 2:
+                field = "rotary_dim" if "layers.attention.rotary_dim" in spans else "head_dim"
                 raise SpecError(
-                    f"rope needs an even head_dim, layer {i} has {layer.attention.head_dim}",
-                    layer_span(spans, "layers.attention.head_dim", i, pspan.span if pspan else m.span),
+                    f"rope needs an even {field}, layer {i} has {a.rotary}",
+                    layer_span(spans, f"layers.attention.{field}", i, pspan.span if pspan else m.span),
                     "rotary embeddings rotate pairs of dimensions",
                 )
+    if spec.embed.segments and spec.patches is not None:
+        raise SpecError("segments (token_type_ids) need token input", spans["embed.segments"].span)
+    if spec.head.transform is not None and spec.head.kind != "lm":
+        raise SpecError("transform applies to lm heads", spans["head.transform"].span)
 
 
 def parse(text: str, name: str = "<spec>") -> S.Spec:

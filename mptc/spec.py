@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu")
+PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "tanh")
 GATED = {"swiglu": "silu", "geglu": "gelu"}
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "sinusoidal", "rope", "none")
@@ -52,6 +53,7 @@ class Embed:
     positions: Positions = Positions()
     dropout: float = 0.0
     norm: Norm | None = None
+    segments: int = 0  # token-type (segment) embeddings read from `token_type_ids` (BERT: 2); 0 = none
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Attention:
     dropout: float = 0.0  # on attention probabilities
     rotary_dim: int | None = None  # rope: dims rotated per head (default all of head_dim), the rest pass
     #                                through; None without rope
+    window: int | None = None  # sliding window: a query sees the `window` most recent keys (itself included)
 
     @property
     def rotary(self) -> int:
@@ -93,6 +96,14 @@ class Layer:
 
 
 @dataclass(frozen=True)
+class Transform:
+    """A dense D → D layer, an activation and an optional norm before the output (BERT's MLM head)."""
+
+    activation: str = "gelu"
+    norm: Norm | None = None
+
+
+@dataclass(frozen=True)
 class Head:
     kind: str  # lm | classify | none
     norm: Norm | None = None  # final norm before the head
@@ -101,6 +112,7 @@ class Head:
     classes: int | None = None  # classify
     pool: str = "first"  # classify: first token or mean over valid tokens
     pooler: bool = False  # classify: dense + tanh on the pooled vector (BERT)
+    transform: Transform | None = None  # lm: dense + activation (+ norm) before the output matrix
 
 
 @dataclass(frozen=True)
@@ -141,7 +153,7 @@ class Spec:
         """Names of the forward inputs, as in Hugging Face and the ONNX file."""
         if self.patches is not None:
             return ("pixel_values",)
-        return ("input_ids", "attention_mask")
+        return ("input_ids", "attention_mask") + (("token_type_ids",) if self.embed.segments else ())
 
     @property
     def output(self) -> str:

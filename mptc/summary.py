@@ -17,7 +17,7 @@ from torch import fx
 from . import spec as S
 from .model import build, param_info, spec_of
 
-MATMUL_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate", "mlp.down", "head.out",
+MATMUL_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate", "mlp.down", "head.out", "head.transform",
                 "head.pooler", "embed.patch")
 
 

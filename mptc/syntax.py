@@ -157,6 +157,7 @@ def _parser() -> Lark:
         propagate_positions=True,
         maybe_placeholders=True,
         lexer_callbacks={"COMMENT": _on_comment},
+        start=["start", "pass_list"],
     )
 
 
@@ -308,11 +309,20 @@ def _bad_token(src: Source, e: lark.UnexpectedToken) -> SpecError:
 
 def parse_file(text: str, name: str = "<spec>") -> File:
     """Parse spec text into a syntax tree; raise SpecError with a position on bad syntax."""
+    return _parse(text, name, "start")
+
+
+def parse_calls(text: str, name: str = "<passes>") -> list[Call]:
+    """Parse a list of calls, such as a pipeline of passes: `grow_mlp(hidden = 4096), add_layers(n = 2)`."""
+    return _parse(text, name, "pass_list")
+
+
+def _parse(text: str, name: str, start: str):
     src = Source(name, text)
     toks: list[Token] = []
     _comment_sink.append(toks)
     try:
-        tree = _parser().parse(text)
+        tree = _parser().parse(text, start=start)
     except lark.UnexpectedCharacters as e:
         raise _bad_characters(src, e) from None
     except lark.UnexpectedToken as e:
@@ -350,6 +360,9 @@ class _ToAst(Transformer):
         if tok in KEYWORDS:
             raise SpecError(f"'{tok}' is a keyword and cannot be used as a name", _span(self.src, tok))
         return str(tok)
+
+    def pass_list(self, meta, items):
+        return [i for i in items if isinstance(i, Call)]
 
     def let_stmt(self, meta, items):
         name, value = items
