@@ -320,7 +320,8 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
-COMMANDS = {"import-hf": cmd_import_hf, "export-hf": cmd_export_hf, "check": cmd_check, "fmt": cmd_fmt, "summary": cmd_summary, "compile": cmd_compile, "run": cmd_run}
+COMMANDS = {"check": cmd_check, "fmt": cmd_fmt, "summary": cmd_summary, "compile": cmd_compile, "run": cmd_run,
+            "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
 
 if __name__ == "__main__":
     sys.exit(main())
