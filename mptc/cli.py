@@ -67,6 +67,28 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     c.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
 
+    c = sub.add_parser("grow", help="apply verified growth passes",
+                       description="Apply a pipeline of passes to SRC and write OUT_DIR (model.mpt, "
+                       "weights.safetensors, report.json). After every pass the result is checked (well-formedness, "
+                       "its certificate, and behaviour on probe batches); a failed check writes nothing. "
+                       "Passes: grow_mlp, add_heads, grow_head_dim, grow_qk, grow_width, add_layers, add_kv_heads, "
+                       "grow_vocab, grow_context (docs/passes.md).")
+    c.add_argument("spec", metavar="SRC")
+    c.add_argument("-p", "--pass", dest="passes", action="append", default=[], metavar="CALL",
+                   help='a pass, e.g. -p "grow_mlp(hidden = 4096)" (repeatable; applied in order)')
+    c.add_argument("--passes", dest="passes_file", metavar="FILE", help="a pipeline file: one pass call per line")
+    c.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    c.add_argument("--seed", type=int, default=0, help="weight seed for a spec file SRC (default 0)")
+
+    c = sub.add_parser("verify", help="compare two models on probe batches",
+                       description="Run A and B (model dirs, spec files or ONNX files) on the same probe batches and "
+                       "print the max abs and rel error; exit 1 when they differ by more than --tol. Where B has a "
+                       "larger vocabulary (grow_vocab), the old tokens' logits are compared.")
+    c.add_argument("a", metavar="A")
+    c.add_argument("b", metavar="B")
+    c.add_argument("--tol", type=float, default=1e-5, help="max abs error allowed (default 1e-5)")
+    c.add_argument("--seed", type=int, default=0)
+
     c = sub.add_parser("import-hf", help="import a Hugging Face checkpoint as a model dir",
                        description="Read a Hugging Face model directory (config.json and *.safetensors, sharded or "
                        "not, or pytorch_model.bin) and write a model dir. Families: GPT-2, Llama, Mistral, Qwen2, "
@@ -303,6 +325,35 @@ def _print_top(spec, out: np.ndarray, k: int) -> None:
         print(f"  row {b}: top {what} {items}")
 
 
+def cmd_grow(args) -> int:
+    from .model import load_model, save
+    from .passes import Pipeline
+    from .passes.parse import load_pipeline
+    from .summary import human
+
+    passes = load_pipeline(args.passes, args.passes_file)
+    model = load_model(args.spec, seed=args.seed)
+    new, report = Pipeline(passes)(model)
+    for r in report.passes:
+        print(f"{r.call}: {human(r.params_before)} → {human(r.params_after)} params, max error "
+              f"{r.max_abs_error_float64:.2g} (float64) / {r.max_abs_error_float32:.2g} (float32), "
+              f"{len(r.tensors)} tensors, {r.seconds + r.verify_seconds:.2f} s")
+    save(new, args.output, extra={"report.json": json.dumps(report.to_json(), indent=2) + "\n"})
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import compare
+
+    res = compare(args.a, args.b, seed=args.seed)
+    ok = res.max_abs <= args.tol
+    note = f" (first {res.compared} outputs of {res.width_b})" if res.compared != res.width_b else ""
+    print(f"{args.a} vs {args.b}: max abs error {res.max_abs:.3g}, max rel error {res.max_rel:.3g} over "
+          f"{res.batches} probe batches{note}: {'agree' if ok else 'DIFFER'} (tol {args.tol:g})")
+    return 0 if ok else 1
+
+
 def cmd_import_hf(args) -> int:
     from .hf import import_hf
 
@@ -321,7 +372,7 @@ def cmd_export_hf(args) -> int:
 
 
 COMMANDS = {"check": cmd_check, "fmt": cmd_fmt, "summary": cmd_summary, "compile": cmd_compile, "run": cmd_run,
-            "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
+            "grow": cmd_grow, "verify": cmd_verify, "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -135,11 +135,14 @@ def load_model(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype | str 
     return build(spec, weights, seed=seed, dtype=dtype)
 
 
-def save(model: fx.GraphModule, path: str | os.PathLike) -> Path:
-    """Write a model dir: model.mpt (canonical spec) and weights.safetensors, atomically."""
+def save(model: fx.GraphModule, path: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
+    """Write a model dir: model.mpt (canonical spec) and weights.safetensors (and `extra` text
+    files, such as report.json), all at once: the dir appears complete or not at all."""
     spec = spec_of(model)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in param_info(model)}
     with atomic_dir(path) as tmp:
         (tmp / SPEC_FILE).write_text(str(spec))
         save_file(sd, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mptc.spec": spec.name})
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
     return Path(path)

@@ -312,6 +312,11 @@ def _embed(b: ast.Block | None, env: dict, spans: dict) -> S.Embed:
     )
 
 
+def _no_arg(b: ast.Block) -> None:
+    if b.arg is not None:
+        raise SpecError(f"`{b.name}` takes no argument", b.arg.span, f"write `{b.name} {{ … }}`")
+
+
 def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> list[S.Layer]:
     if b.arg is None:
         raise SpecError("`layers` needs a count", b.span, "write `layers 12 { … }`")
@@ -326,6 +331,7 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
     ab = lf.blocks.get("attention")
     if ab is None:
         raise SpecError("`layers` needs an `attention { heads = … }` block", b.span)
+    _no_arg(ab)
     af = PerLayer(Fields(ab, env, "attention", ATTN_FIELDS), n, "layers.attention", spans)
     if af.f.get("heads") is None:
         raise SpecError("attention needs `heads = …`", ab.span)
@@ -366,6 +372,7 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
     mb = lf.blocks.get("mlp")
     if mb is None:
         raise SpecError("`layers` needs an `mlp { hidden = … }` block", b.span)
+    _no_arg(mb)
     mf = PerLayer(Fields(mb, env, "mlp", MLP_FIELDS), n, "layers.mlp", spans)
     hidden = mf.take("hidden", lambda v: as_int(v, "hidden"), 4 * width)
     act = mf.take("activation", lambda v: as_choice(v, "activation", S.ACTIVATIONS), "gelu")
@@ -459,8 +466,7 @@ def _check(spec: S.Spec, m: ast.Block, spans: dict) -> None:
                 )
     if spec.embed.segments and spec.patches is not None:
         raise SpecError("segments (token_type_ids) need token input", spans["embed.segments"].span)
-    if spec.head.transform is not None and spec.head.kind != "lm":
-        raise SpecError("transform applies to lm heads", spans["head.transform"].span)
+
 
 
 def parse(text: str, name: str = "<spec>") -> S.Spec:

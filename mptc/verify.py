@@ -1,0 +1,61 @@
+"""`mptc verify A B`: run two models (model dirs, specs or ONNX files) on the same probes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import MptcError
+from .export import example_inputs, run_onnx
+from .model import load, load_model
+
+
+@dataclass
+class Comparison:
+    max_abs: float
+    max_rel: float  # max abs error / largest |output of A|
+    batches: int
+    compared: int  # size of the last output axis that was compared
+    width_b: int
+
+
+def _runner(path: str, seed: int):
+    if str(path).endswith(".onnx"):
+        if not Path(path).is_file():
+            raise MptcError(f"no such ONNX file: {path}")
+        return None, lambda x: run_onnx(path, x)
+    model = load_model(path, seed=seed).eval()
+
+    def run(x):
+        with torch.no_grad():
+            return model(**{k: torch.from_numpy(v) for k, v in x.items()}).numpy()
+
+    return load(path), run
+
+
+def compare(a: str, b: str, seed: int = 0, batches: int = 3) -> Comparison:
+    spec_a, run_a = _runner(a, seed)
+    spec_b, run_b = _runner(b, seed)
+    spec = spec_a or spec_b
+    if spec is None:
+        raise MptcError("both are ONNX files; give a model dir or spec as A or B (it defines the probe inputs)")
+    if spec_a is not None and spec_b is not None and spec_b.vocab and spec_a.vocab and spec_b.vocab < spec_a.vocab:
+        spec = spec_b  # probes valid for both
+    worst_abs = worst_rel = 0.0
+    compared = width_b = 0
+    for i in range(batches):
+        x = {k: v.numpy() for k, v in example_inputs(spec, batch=2, seq=16, seed=seed + i, padded=i % 2 == 1).items()}
+        ya, yb = run_a(x).astype(np.float64), run_b(x).astype(np.float64)
+        width_b = yb.shape[-1]
+        if ya.shape[:-1] != yb.shape[:-1]:
+            raise MptcError(f"the outputs differ in shape: {ya.shape} and {yb.shape}")
+        n = min(ya.shape[-1], yb.shape[-1])
+        ya, yb = ya[..., :n], yb[..., :n]
+        compared = n
+        diff = np.abs(ya - yb)
+        worst_abs = max(worst_abs, float(diff.max()))
+        worst_rel = max(worst_rel, float(diff.max() / max(np.abs(ya).max(), 1e-30)))  # relative to the largest output
+    return Comparison(worst_abs, worst_rel, batches, compared, width_b)

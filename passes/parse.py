@@ -1,0 +1,109 @@
+"""Passes written as text: `grow_mlp(hidden = 4096)`, in `-p` options or a pipeline file.
+
+The text uses the spec language's call syntax (same parser, same located errors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+from mptc.errors import MptcError, SpecError, suggest
+from mptc.evaluate import CallValue, Sym, V, evaluate, evaluate_lets
+from mptc.syntax import parse_calls
+
+from .base import Pass
+from .engine import Init
+from .grow import PASSES
+
+INIT_KINDS = ("zeros", "normal", "copy")
+
+
+def parse_passes(text: str, name: str = "<passes>", registry: dict[str, type[Pass]] | None = None) -> list[Pass]:
+    """Pass objects from text holding calls (one per line or comma-separated)."""
+    registry = registry or PASSES
+    out = []
+    for call in parse_calls(text, name):
+        v = evaluate(call, evaluate_lets([]))
+        out.append(_make(v, registry))
+    return out
+
+
+def load_pipeline(options: list[str], file: str | None = None) -> list[Pass]:
+    """The passes of `-p` options (each named `-p N` in errors) and of a pipeline file, in order."""
+    out = []
+    if file is not None:
+        try:
+            text = Path(file).read_text()
+        except OSError as e:
+            raise MptcError(f"cannot read {file}: {e.strerror}") from None
+        out += parse_passes(text, file)
+    for i, opt in enumerate(options, 1):
+        out += parse_passes(opt, f"-p {i}")
+    if not out:
+        raise MptcError("no passes given", hint='add -p "grow_mlp(hidden = 4096)" or --passes FILE')
+    return out
+
+
+def _make(v: V, registry: dict[str, type[Pass]]) -> Pass:
+    c: CallValue = v.value
+    cls = registry.get(c.name)
+    if cls is None:
+        raise SpecError(f"unknown pass '{c.name}'", v.span, suggest(c.name, list(registry)) or
+                        "passes: " + ", ".join(registry))
+    names = [f.name for f in fields(cls)]
+    if len(c.args) > len(names):
+        raise SpecError(f"{c.name}() takes at most {len(names)} arguments", c.args[len(names)].span)
+    given = dict(zip(names, c.args, strict=False))
+    for k, a in c.kwargs.items():
+        if k not in names:
+            raise SpecError(f"unknown argument '{k}' for {c.name}()", a.span,
+                            suggest(k, names) or "arguments: " + ", ".join(names))
+        if k in given:
+            raise SpecError(f"argument '{k}' given twice", a.span)
+        given[k] = a
+    return cls(**{k: _value(k, a) for k, a in given.items()})
+
+
+def _value(key: str, v: V):
+    x = v.value
+    if key == "init":
+        return _init(v)
+    if key == "layers":
+        items = x if isinstance(x, list) else [v]
+        for i in items:
+            if isinstance(i.value, bool) or not isinstance(i.value, int):
+                raise SpecError(f"layers must be a layer index or a list of them, got {i.kind}", i.span)
+        return [i.value for i in items]
+    if key == "mode":
+        if not isinstance(x, Sym) or x.name not in ("join", "kv"):
+            raise SpecError(f"mode must be join or kv, got {v.kind}", v.span,
+                            "join: new query heads join the kv groups; kv: they come with new kv heads")
+        return x.name
+    if key == "factor":
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise SpecError(f"factor must be a number, got {v.kind}", v.span)
+        return float(x)
+    if isinstance(x, float) and x.is_integer():
+        x = int(x)
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise SpecError(f"{key} must be a whole number, got {v.kind}", v.span)
+    return x
+
+
+def _init(v: V) -> Init:
+    x = v.value
+    if isinstance(x, Sym) and x.name in INIT_KINDS:
+        return Init(x.name)
+    if isinstance(x, CallValue) and x.name in ("normal", "copy"):
+        key = "std" if x.name == "normal" else "noise"
+        args = dict(zip([key], x.args, strict=False)) | x.kwargs
+        for k, a in args.items():
+            if k != key:
+                raise SpecError(f"unknown argument '{k}' for {x.name}()", a.span, f"write {x.name}({key} = …)")
+            if isinstance(a.value, bool) or not isinstance(a.value, (int, float)) or a.value < 0:
+                raise SpecError(f"{key} must be a non-negative number, got {a.kind}", a.span)
+        a = args.get(key)
+        return Init(x.name, float(a.value) if a is not None else None)
+    raise SpecError("init must be zeros, normal(std = …) or copy(noise = …)", v.span,
+                    suggest(x.name, INIT_KINDS) if isinstance(x, (Sym, CallValue)) else None)
