@@ -165,7 +165,7 @@ def check_claim(c: TensorClaim, old: Tensor | None, new: Tensor) -> str | None:
         return None
     assert old is not None
     ni, oi = index_pairs([torch.tensor(s) if s is not None else None for s in c.srcs], c.new_shape)
-    if not torch.equal(new[ni], old[oi] * c.scale if c.scale != 1.0 else old[oi]):
+    if not torch.equal(new[ni], scaled(old[oi], c.scale, new.dtype)):
         return f"{c.name}: the entries taken from {c.source} differ from it" + \
             (f" × {c.scale:.6g}" if c.scale != 1.0 else "")
     for ax, z in enumerate(c.zero):
@@ -232,7 +232,8 @@ def remap(model: fx.GraphModule, change: Change) -> tuple[fx.GraphModule, Certif
         if not fresh and old is not None and all(s is None for s in srcs) and scale == 1.0:
             new_sd[name] = old
             continue
-        new = _free(info, shape, old, srcs, fresh, change.init, std, gen, dtype)
+        new = _free(info, shape, old if not fresh or old is None or old.shape == shape else None, srcs, fresh,
+                    change.init, std, gen, dtype)
         zero_axes = [info.role in change.zero_roles or (change.zero_side is not None and io == change.zero_side)
                      for io in info.io]
         all_zero = fresh and (info.role in change.zero_roles)
@@ -240,7 +241,7 @@ def remap(model: fx.GraphModule, change: Change) -> tuple[fx.GraphModule, Certif
             new.zero_()
         elif not fresh:
             ni, oi = index_pairs(srcs, shape)
-            new[ni] = old[oi] * scale if scale != 1.0 else old[oi]
+            new[ni] = scaled(old[oi], scale, dtype)
             for ax, z in enumerate(zero_axes):
                 if z and srcs[ax] is not None:
                     new.index_fill_(ax, (srcs[ax] < 0).nonzero().flatten(), 0.0)
@@ -253,10 +254,21 @@ def remap(model: fx.GraphModule, change: Change) -> tuple[fx.GraphModule, Certif
     return out, cert
 
 
+def scaled(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """x × scale, computed in float64 and rounded once to `dtype` (how both pass and check do it)."""
+    return x.to(dtype) if scale == 1.0 else (x.to(torch.float64) * scale).to(dtype)
+
+
 def _free(info: NodeInfo, shape: tuple[int, ...], old: Tensor | None, srcs: list[Tensor | None], fresh: bool,
           init: Init, std: float, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
-    """Values for the entries no proof constrains (the proven ones are written over them)."""
-    if init.kind == "copy" and old is not None and (not fresh or tuple(old.shape) == shape):
+    """A tensor whose entries no proof constrains hold their init (the proven ones are written after).
+
+    Random values are drawn only for the new entries, so the cost follows the growth, not the model.
+    """
+    if info.init in ("ones", "zeros") or init.kind == "zeros":
+        fill = 1.0 if info.init == "ones" else 0.0
+        return torch.full(shape, fill, dtype=dtype)
+    if init.kind == "copy" and old is not None:
         if fresh:
             base = old.clone()
         else:  # a new unit copies an existing one, cycling through them
@@ -265,13 +277,17 @@ def _free(info: NodeInfo, shape: tuple[int, ...], old: Tensor | None, srcs: list
             _, oi = index_pairs(cyc, shape)
             base = old[oi].clone()
         if init.std:
-            base += torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) * init.std
+            base += torch.randn(shape, generator=gen, dtype=dtype) * init.std
         return base
-    if info.init == "ones":
-        return torch.ones(shape, dtype=dtype)
-    if info.init == "zeros" or init.kind == "zeros":
-        return torch.zeros(shape, dtype=dtype)
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * std).to(dtype)
+    if fresh:
+        return torch.randn(shape, generator=gen, dtype=dtype) * std
+    new_mask = torch.zeros((), dtype=torch.bool)  # entries new along any axis
+    for ax, s in enumerate(srcs):
+        m = (s < 0) if s is not None else torch.zeros(shape[ax], dtype=torch.bool)
+        new_mask = new_mask[..., None] | m
+    out = torch.empty(shape, dtype=dtype)
+    out[new_mask] = torch.randn(int(new_mask.sum()), generator=gen, dtype=dtype) * std
+    return out
 
 
 def check_shapes(model: fx.GraphModule) -> list[str]:

@@ -22,25 +22,34 @@ def probes(spec: S.Spec, n: int = 2, seq: int = 16, seed: int = 1234) -> list[di
 
 
 def as_dtype(model: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
-    """A copy of `model` in `dtype` (eval mode); the original is left as it is."""
+    """`model` in `dtype`: the model itself when it already is, else a copy (the original is kept)."""
+    if all(p.dtype == dtype for p in model.parameters()):
+        return model
     sd = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
-    return build(spec_of(model), weights=sd, dtype=dtype).eval()
+    return build(spec_of(model), weights=sd, dtype=dtype).train(model.training)
 
 
 @torch.no_grad()
 def max_error(old: fx.GraphModule, new: fx.GraphModule, inputs: list[dict], dtype: torch.dtype,
               comparable=None) -> float:
-    """Max abs difference between two models' outputs, relative to max(1, |output|)."""
-    a_model, b_model = as_dtype(old, dtype), as_dtype(new, dtype)
+    """Max abs difference between two models' outputs (eval mode), relative to max(1, |output|)."""
+    models = [as_dtype(old, dtype), as_dtype(new, dtype)]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     worst = 0.0
-    for x in inputs:
-        x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
-        a, b = a_model(**x), b_model(**x)
-        if comparable is not None:
-            a, b = comparable(a, b)
-        if a.shape != b.shape:
-            return float("inf")
-        worst = max(worst, float(((a - b).abs() / a.abs().clamp(min=1.0)).max()))
+    try:
+        for x in inputs:
+            x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
+            a, b = models[0](**x), models[1](**x)
+            if comparable is not None:
+                a, b = comparable(a, b)
+            if a.shape != b.shape:
+                return float("inf")
+            worst = max(worst, float(((a - b).abs() / a.abs().clamp(min=1.0)).max()))
+    finally:
+        for m, t in zip(models, modes, strict=True):
+            m.train(t)
     return worst
 
 

@@ -76,8 +76,7 @@ def test_verify_detects_a_difference_and_onnx(tmp_path, capsys):
 ])
 def test_pass_text_errors_are_located(text, msg, line, col):
     with pytest.raises(mptc.SpecError) as e:
-        P_ = parse_passes(text, "-p 1")
-        for p in P_:
+        for p in parse_passes(text, "-p 1"):
             p.requires(mptc.build(mptc.load(LLAMA)))
     assert msg in e.value.message and (e.value.line, e.value.col) == (line, col)
 
