@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -89,6 +90,27 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tol", type=float, default=1e-5, help="max abs error allowed (default 1e-5)")
     c.add_argument("--seed", type=int, default=0)
 
+    c = sub.add_parser("extract", help="cut a nested sub-network out as a smaller model",
+                       description="Extract a MatFormer sub-network: MLP units and kv head groups to an index prefix, "
+                       "dropped layers removed, spec rewritten. Verified: the submodel equals the parent run at that "
+                       "granularity (float32, 1e-6), else nothing is written. OUT ending in .onnx gives an ONNX file.")
+    c.add_argument("spec", metavar="SRC")
+    _choice_args(c)
+    c.add_argument("-o", "--output", required=True, metavar="OUT")
+    c.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser("reorder", help="rank MLP units and heads by importance (exact permutation)",
+                       description="Permute MLP units and attention heads so the most important come first, so that "
+                       "a later `extract` keeps the best prefix. Function-preserving and verified.")
+    c.add_argument("spec", metavar="SRC")
+    c.add_argument("--by", choices=("weight", "activation"), default="weight",
+                   help="weight: group L2 norm; activation: mean |activation| on --data (default weight)")
+    c.add_argument("--what", choices=("mlp", "heads", "both"), default="both")
+    c.add_argument("--data", nargs="+", metavar="FILE", help="calibration text (byte-level tokens)")
+    c.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
+    c.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+    c.add_argument("--seed", type=int, default=0)
+
     c = sub.add_parser("import-hf", help="import a Hugging Face checkpoint as a model dir",
                        description="Read a Hugging Face model directory (config.json and *.safetensors, sharded or "
                        "not, or pytorch_model.bin) and write a model dir. Families: GPT-2, Llama, Mistral, Qwen2, "
@@ -115,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--pixels-file", metavar="X.npy", help="images as a (B, C, H, W) float array")
     g.add_argument("--random", type=int, metavar="B", help="a random batch of B inputs (from --seed)")
     c.add_argument("--mask-file", metavar="M.npy", help="attention_mask (B, T) of 1 (token) and 0 (padding)")
+    _choice_args(c, required=False)
     c.add_argument("--onnx", metavar="FILE", help="run this ONNX file in ONNX Runtime instead of PyTorch")
     c.add_argument("--compare", action="store_true",
                    help="with --onnx: run both and exit 1 unless they agree within --tol")
@@ -122,7 +145,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", metavar="OUT.npy", help="save the output array")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--top", type=int, default=5, help="how many top predictions to print (default 5)")
+
+    from . import cli_train
+
+    cli_train.add_commands(sub)
+    COMMANDS.update(cli_train.COMMANDS)
     return p
+
+
+def _choice_args(c: argparse.ArgumentParser, required: bool = True) -> None:
+    g = c.add_argument_group("sub-network (MatFormer)", "granularities are names (s, m, l, xl) or fractions (0.5)")
+    g.add_argument("--mlp", metavar="G", help="one granularity for every nested MLP")
+    g.add_argument("--mix", metavar='"s,s,m,l,…"', help="Mix'n'Match: one MLP granularity per layer")
+    g.add_argument("--heads", metavar="G", help="one granularity for every nested attention")
+    g.add_argument("--drop-layers", metavar="3,7", help="skip these (skippable) layers")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +327,12 @@ def cmd_run(args) -> int:
     torch_out = None
     if args.onnx is None or args.compare:
         model = load_model(args.spec, seed=args.seed).eval()
-        with torch.no_grad():
+        ctx = contextlib.nullcontext()
+        if _choice_given(args):
+            from .nested import granularity
+
+            ctx = granularity(model, args.mix, mlp=args.mlp, heads=args.heads, skip=args.drop_layers or ())
+        with torch.no_grad(), ctx:
             torch_out = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
     out = torch_out
     if args.onnx:
@@ -354,6 +395,61 @@ def cmd_verify(args) -> int:
     return 0 if ok else 1
 
 
+def _choice_given(args) -> bool:
+    return any(getattr(args, k, None) for k in ("mlp", "mix", "heads", "drop_layers"))
+
+
+def cmd_extract(args) -> int:
+    from .export import export_onnx
+    from .model import load_model, save
+    from .passes import Extract, Pipeline
+    from .summary import human
+
+    if not _choice_given(args):
+        raise MptcError("say what to extract", hint="--mlp s, --mix \"s,s,m,l\", --heads m or --drop-layers 3,7")
+    model = load_model(args.spec, seed=args.seed)
+    p = Extract(mlp=args.mlp, mix=args.mix, heads=args.heads, drop_layers=_ints(args.drop_layers))
+    sub, report = Pipeline([p])(model)
+    r = report.passes[0]
+    print(f"{r.call}: {human(r.params_before)} → {human(r.params_after)} params, equals the parent at that "
+          f"granularity within {r.max_abs_error_float32:.2g} (float32)")
+    if args.output.endswith(".onnx"):
+        export_onnx(sub, args.output)
+    else:
+        save(sub, args.output, extra={"report.json": json.dumps(report.to_json(), indent=2) + "\n"})
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _ints(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", ",").split(",") if t]
+    except ValueError:
+        raise MptcError(f"layers must be indices like 3,7; got {text!r}") from None
+
+
+def cmd_reorder(args) -> int:
+    from .model import load_model, save
+    from .passes import Pipeline, Reorder
+
+    model = load_model(args.spec, seed=args.seed)
+    calibration = None
+    if args.by == "activation":
+        if not args.data:
+            raise MptcError("--by activation needs --data FILES (calibration text)")
+        from .data import calibration_batches
+
+        calibration = calibration_batches(model, args.data, args.samples, seed=args.seed)
+    new, report = Pipeline([Reorder(by=args.by, what=args.what, calibration=calibration)])(model)
+    r = report.passes[0]
+    print(f"{r.call}: {len(r.tensors)} tensors permuted, max error {r.max_abs_error_float64:.2g} (float64)")
+    save(new, args.output, extra={"report.json": json.dumps(report.to_json(), indent=2) + "\n"})
+    print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_import_hf(args) -> int:
     from .hf import import_hf
 
@@ -372,7 +468,8 @@ def cmd_export_hf(args) -> int:
 
 
 COMMANDS = {"check": cmd_check, "fmt": cmd_fmt, "summary": cmd_summary, "compile": cmd_compile, "run": cmd_run,
-            "grow": cmd_grow, "verify": cmd_verify, "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
+            "grow": cmd_grow, "verify": cmd_verify, "extract": cmd_extract, "reorder": cmd_reorder,
+            "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -164,36 +164,35 @@ def _num_labels(cfg: Config) -> int:
 
 def _rope_theta(cfg: Config) -> float:
     """The rope base; any rope scaling (linear, dynamic, yarn, llama3, …) is refused."""
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise MptcError(f"unsupported rope_scaling type '{kind}' (rope_scaling / rope_parameters)",
-                        hint="mptc has plain rope only: theta, no scaling")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    for key in ("rope_scaling", "rope_parameters"):  # the older and the transformers 5 spelling
+        kind = (cfg.get(key) or {}).get("rope_type", (cfg.get(key) or {}).get("type", "default"))
+        if kind != "default":
+            raise MptcError(f"unsupported rope_scaling type '{kind}' (in `{key}`)",
+                            hint="mptc has plain rope only: a theta, no scaling (linear, dynamic, yarn, llama3, …)")
+    return float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)))
 
 
-def _refuse_if(cfg: Config, key: str, bad: Callable[[Any], bool], default: Any, why: str) -> None:
-    if bad(cfg.get(key, default)):
-        raise MptcError(f"unsupported {key} = {json.dumps(cfg.get(key))}: {why}")
+def _refuse_if(cfg: Config, key: str, bad: Callable[[Any], bool], why: str) -> None:
+    if key in cfg and bad(cfg[key]):
+        raise MptcError(f"unsupported {key} = {json.dumps(cfg[key])}: {why}")
 
 
-def _layers(n: int, **per_layer: Callable[[int], Any]) -> list[dict]:
-    return [{k: f(i) for k, f in per_layer.items()} for i in range(n)]
+def _init(cfg: Config) -> S.Init:
+    return S.Init(float(cfg.get("initializer_range", 0.02)))
 
 
 def _gpt2_spec(cfg: Config, head: str) -> S.Spec:
-    for key, default in (("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False)):
-        _refuse_if(cfg, key, bool, default, "mptc attention is plain scaled dot-product self-attention")
-    _refuse_if(cfg, "scale_attn_weights", lambda v: not v, True, "mptc always scales scores by 1/√head_dim")
-    d, n = _get(cfg, "n_embd"), _get(cfg, "n_layer")
-    norm = S.Norm("layernorm", float(cfg.get("layer_norm_epsilon", 1e-5)))
-    att = S.Attention(_get(cfg, "n_head"), _get(cfg, "n_head"), d // _get(cfg, "n_head"), d // _get(cfg, "n_head"),
-                      dropout=float(cfg.get("attn_pdrop", 0.0)))
+    for key in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        _refuse_if(cfg, key, bool, "mptc attention is plain scaled dot-product self-attention")
+    _refuse_if(cfg, "scale_attn_weights", lambda v: not v, "mptc always scales scores by 1/√head_dim")
+    d, h = _get(cfg, "n_embd"), _get(cfg, "n_head")
+    norm = S.Norm("layernorm", float(_get(cfg, "layer_norm_epsilon")))
+    att = S.Attention(h, h, d // h, d // h, dropout=float(_get(cfg, "attn_pdrop")))
     mlp = S.MLP(cfg.get("n_inner") or 4 * d, _act(cfg, "activation_function", PLAIN_ACTS))
-    layer = S.Layer(att, mlp, norm, dropout=float(cfg.get("resid_pdrop", 0.0)))
-    h = S.Head("lm", norm, tied=bool(cfg.get("tie_word_embeddings", True))) if head == "lm" else S.Head("none", norm)
-    return S.Spec("gpt2", d, (layer,) * n, h, _get(cfg, "vocab_size"), _get(cfg, "n_positions"),
-                  S.Embed(dropout=float(cfg.get("embd_pdrop", 0.0))), S.Init(float(cfg.get("initializer_range", .02))))
+    layer = S.Layer(att, mlp, norm, dropout=float(_get(cfg, "resid_pdrop")))
+    hd = S.Head("lm", norm, tied=bool(_get(cfg, "tie_word_embeddings"))) if head == "lm" else S.Head("none", norm)
+    return S.Spec("gpt2", d, (layer,) * _get(cfg, "n_layer"), hd, _get(cfg, "vocab_size"), _get(cfg, "n_positions"),
+                  S.Embed(dropout=float(_get(cfg, "embd_pdrop"))), _init(cfg))
 
 
 def _no_window(cfg: Config, n: int) -> list[int | None]:
@@ -201,14 +200,15 @@ def _no_window(cfg: Config, n: int) -> list[int | None]:
 
 
 def _mistral_window(cfg: Config, n: int) -> list[int | None]:
-    return [cfg.get("sliding_window")] * n
+    return [cfg.get("sliding_window")] * n  # null: none
 
 
 def _qwen2_window(cfg: Config, n: int) -> list[int | None]:
+    """Only with use_sliding_window, on the layers `layer_types` marks (else from `max_window_layers` on)."""
     w = cfg.get("sliding_window")
     if not cfg.get("use_sliding_window") or w is None:
         return [None] * n
-    types = cfg.get("layer_types") or ["sliding_attention" if i >= cfg.get("max_window_layers", 0) else
+    types = cfg.get("layer_types") or ["sliding_attention" if i >= _get(cfg, "max_window_layers") else
                                        "full_attention" for i in range(n)]
     return [w if t == "sliding_attention" else None for t in types]
 
@@ -217,66 +217,62 @@ def _llama_spec(cfg: Config, head: str, name: str, window: Callable[[Config, int
                 bias: tuple[bool, bool] | None = None) -> S.Spec:
     """Llama, Mistral, Qwen2: rope, RMSNorm, grouped-query attention, gated MLP.
 
-    bias: (q/k/v, o) when fixed by the family (Mistral none, Qwen2 q/k/v only), else `attention_bias`.
+    bias: (q/k/v, o) where the family fixes it (Mistral none, Qwen2 q/k/v only), else `attention_bias` for all four.
     """
-    d, n, h = _get(cfg, "hidden_size"), _get(cfg, "num_hidden_layers"), _get(cfg, "num_attention_heads")
+    d, h = _get(cfg, "hidden_size"), _get(cfg, "num_attention_heads")
     k = cfg.get("head_dim") or d // h
     theta = _rope_theta(cfg)
     qkv_bias, o_bias = bias or (bool(cfg.get("attention_bias", False)),) * 2
-    norm = S.Norm("rmsnorm", float(cfg.get("rms_norm_eps", 1e-6)))
+    norm = S.Norm("rmsnorm", float(_get(cfg, "rms_norm_eps")))
     mlp = S.MLP(_get(cfg, "intermediate_size"), _act(cfg, "hidden_act", GATED_ACTS), bool(cfg.get("mlp_bias", False)))
     layers = tuple(
         S.Layer(S.Attention(h, cfg.get("num_key_value_heads") or h, k, k, bias=qkv_bias, out_bias=o_bias,
-                            dropout=float(cfg.get("attention_dropout", 0.0)), rotary_dim=k, window=w), mlp, norm)
-        for w in window(cfg, n))
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    hd = S.Head("lm", norm, tied=tied) if head == "lm" else S.Head("none", norm)
+                            dropout=float(_get(cfg, "attention_dropout")), rotary_dim=k, window=w), mlp, norm)
+        for w in window(cfg, _get(cfg, "num_hidden_layers")))
+    hd = S.Head("lm", norm, tied=bool(_get(cfg, "tie_word_embeddings"))) if head == "lm" else S.Head("none", norm)
     return S.Spec(name, d, layers, hd, _get(cfg, "vocab_size"), cfg.get("max_position_embeddings"),
-                  S.Embed(positions=S.Positions("rope", theta)), S.Init(float(cfg.get("initializer_range", .02))))
+                  S.Embed(positions=S.Positions("rope", theta)), _init(cfg))
 
 
 def _bert_spec(cfg: Config, head: str) -> S.Spec:
-    _refuse_if(cfg, "position_embedding_type", lambda v: v != "absolute", "absolute",
-               "mptc has absolute (learned) positions only")
+    _refuse_if(cfg, "position_embedding_type", lambda v: v != "absolute", "mptc has absolute (learned) positions only")
     for key in ("is_decoder", "add_cross_attention"):
-        _refuse_if(cfg, key, bool, False, "mptc imports BERT as a bidirectional encoder")
-    d, n = _get(cfg, "hidden_size"), _get(cfg, "num_hidden_layers")
-    norm = S.Norm("layernorm", float(cfg.get("layer_norm_eps", 1e-12)))
+        _refuse_if(cfg, key, bool, "mptc imports BERT as a bidirectional encoder")
+    d, h = _get(cfg, "hidden_size"), _get(cfg, "num_attention_heads")
+    norm = S.Norm("layernorm", float(_get(cfg, "layer_norm_eps")))
     act = _act(cfg, "hidden_act", PLAIN_ACTS)
-    drop = float(cfg.get("hidden_dropout_prob", 0.0))
-    att = S.Attention(_get(cfg, "num_attention_heads"), _get(cfg, "num_attention_heads"),
-                      d // _get(cfg, "num_attention_heads"), d // _get(cfg, "num_attention_heads"), "bidirectional",
-                      dropout=float(cfg.get("attention_probs_dropout_prob", 0.0)))
+    drop = float(_get(cfg, "hidden_dropout_prob"))
+    att = S.Attention(h, h, d // h, d // h, "bidirectional", dropout=float(_get(cfg, "attention_probs_dropout_prob")))
     layer = S.Layer(att, S.MLP(_get(cfg, "intermediate_size"), act), norm, "post", drop)
-    heads = {"mlm": S.Head("lm", tied=bool(cfg.get("tie_word_embeddings", True)), bias=True,
+    heads = {"mlm": S.Head("lm", tied=bool(_get(cfg, "tie_word_embeddings")), bias=True,
                            transform=S.Transform(act, norm)),
-             "classify": S.Head("classify", classes=_num_labels(cfg), pool="first", pooler=True),
+             "classify": S.Head("classify", bias=True, classes=_num_labels(cfg), pool="first", pooler=True),
              "none": S.Head("none")}
     embed = S.Embed(positions=S.Positions("learned"), dropout=drop, norm=norm, segments=_get(cfg, "type_vocab_size"))
-    return S.Spec("bert", d, (layer,) * n, heads[head], _get(cfg, "vocab_size"), _get(cfg, "max_position_embeddings"),
-                  embed, S.Init(float(cfg.get("initializer_range", .02))))
+    return S.Spec("bert", d, (layer,) * _get(cfg, "num_hidden_layers"), heads[head], _get(cfg, "vocab_size"),
+                  _get(cfg, "max_position_embeddings"), embed, _init(cfg))
 
 
 def _square(cfg: Config, key: str) -> int:
     v = _get(cfg, key)
     if isinstance(v, (list, tuple)):
         if len(set(v)) != 1:
-            raise MptcError(f"unsupported {key} = {list(v)}: mptc patches are square")
+            raise MptcError(f"unsupported {key} = {list(v)}: mptc images and patches are square")
         v = v[0]
     return int(v)
 
 
 def _vit_spec(cfg: Config, head: str) -> S.Spec:
-    d, n, h = _get(cfg, "hidden_size"), _get(cfg, "num_hidden_layers"), _get(cfg, "num_attention_heads")
-    norm = S.Norm("layernorm", float(cfg.get("layer_norm_eps", 1e-12)))
-    drop = float(cfg.get("hidden_dropout_prob", 0.0))
-    att = S.Attention(h, h, d // h, d // h, "bidirectional", bias=bool(cfg.get("qkv_bias", True)), out_bias=True,
-                      dropout=float(cfg.get("attention_probs_dropout_prob", 0.0)))
+    d, h = _get(cfg, "hidden_size"), _get(cfg, "num_attention_heads")
+    norm = S.Norm("layernorm", float(_get(cfg, "layer_norm_eps")))
+    drop = float(_get(cfg, "hidden_dropout_prob"))
+    att = S.Attention(h, h, d // h, d // h, "bidirectional", bias=bool(_get(cfg, "qkv_bias")), out_bias=True,
+                      dropout=float(_get(cfg, "attention_probs_dropout_prob")))
     layer = S.Layer(att, S.MLP(_get(cfg, "intermediate_size"), _act(cfg, "hidden_act", PLAIN_ACTS)), norm, "pre", drop)
-    patches = S.Patches(_square(cfg, "image_size"), _square(cfg, "patch_size"), int(cfg.get("num_channels", 3)))
-    hd = S.Head("classify", norm, classes=_num_labels(cfg)) if head == "classify" else S.Head("none", norm)
-    return S.Spec("vit", d, (layer,) * n, hd, embed=S.Embed(patches, S.Positions("learned"), drop),
-                  init=S.Init(float(cfg.get("initializer_range", .02))))
+    patches = S.Patches(_square(cfg, "image_size"), _square(cfg, "patch_size"), int(_get(cfg, "num_channels")))
+    hd = S.Head("classify", norm, bias=True, classes=_num_labels(cfg)) if head == "classify" else S.Head("none", norm)
+    return S.Spec("vit", d, (layer,) * _get(cfg, "num_hidden_layers"), hd,
+                  embed=S.Embed(patches, S.Positions("learned"), drop), init=_init(cfg))
 
 
 # --- families -----------------------------------------------------------------------------------------
@@ -291,22 +287,37 @@ class Family:
     heads: dict[str, str]  # architecture → head kind; the first is the default
     spec: Callable[[Config, str], S.Spec]
     weights: dict[str, Map]
+    defaults: Config  # the config class's defaults, for keys a config.json leaves out
 
+
+_DECODER = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, hidden_act="silu", rms_norm_eps=1e-6,
+                tie_word_embeddings=False, attention_dropout=0.0, initializer_range=0.02)
+_ENCODER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                hidden_act="gelu", layer_norm_eps=1e-12, initializer_range=0.02)
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("GPT-2", "transformer.", {"GPT2LMHeadModel": "lm", "GPT2Model": "none"}, _gpt2_spec,
-                   GPT2_WEIGHTS),
+                   GPT2_WEIGHTS, dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+                                      activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                                      layer_norm_epsilon=1e-5, initializer_range=0.02, tie_word_embeddings=True)),
     "llama": Family("Llama", "model.", {"LlamaForCausalLM": "lm", "LlamaModel": "none"},
-                    partial(_llama_spec, name="llama", window=_no_window), LLAMA_WEIGHTS),
+                    partial(_llama_spec, name="llama", window=_no_window), LLAMA_WEIGHTS,
+                    _DECODER | dict(vocab_size=32000, intermediate_size=11008, max_position_embeddings=2048)),
     "mistral": Family("Mistral", "model.", {"MistralForCausalLM": "lm", "MistralModel": "none"},
-                      partial(_llama_spec, name="mistral", window=_mistral_window, bias=(False, False)),
-                      LLAMA_WEIGHTS),
+                      partial(_llama_spec, name="mistral", window=_mistral_window, bias=(False, False)), LLAMA_WEIGHTS,
+                      _DECODER | dict(vocab_size=32000, intermediate_size=14336, num_key_value_heads=8,
+                                      max_position_embeddings=131072, sliding_window=4096)),
     "qwen2": Family("Qwen2", "model.", {"Qwen2ForCausalLM": "lm", "Qwen2Model": "none"},
-                    partial(_llama_spec, name="qwen2", window=_qwen2_window, bias=(True, False)), LLAMA_WEIGHTS),
+                    partial(_llama_spec, name="qwen2", window=_qwen2_window, bias=(True, False)), LLAMA_WEIGHTS,
+                    _DECODER | dict(vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768,
+                                    use_sliding_window=False, sliding_window=4096, max_window_layers=28)),
     "bert": Family("BERT", "bert.", {"BertForMaskedLM": "mlm", "BertForSequenceClassification": "classify",
-                                     "BertModel": "none"}, _bert_spec, BERT_WEIGHTS),
+                                     "BertModel": "none"}, _bert_spec, BERT_WEIGHTS,
+                   _ENCODER | dict(vocab_size=30522, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                                   max_position_embeddings=512, type_vocab_size=2, tie_word_embeddings=True)),
     "vit": Family("ViT", "vit.", {"ViTForImageClassification": "classify", "ViTModel": "none"}, _vit_spec,
-                  VIT_WEIGHTS),
+                  VIT_WEIGHTS, _ENCODER | dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                               image_size=224, patch_size=16, num_channels=3, qkv_bias=True)),
 }
 
 
@@ -330,7 +341,7 @@ def spec_from_config(cfg: Config, arch: str | None = None) -> S.Spec:
     fam = _family(cfg)
     if arch is None:
         arch = (cfg.get("architectures") or [None])[0]
-    spec = fam.spec(cfg, _head_kind(fam, arch))
+    spec = fam.spec(fam.defaults | cfg, _head_kind(fam, arch))
     return parse(format_spec(spec), f"<{cfg.get('model_type')} config>")  # the schema's checks, canonical form
 
 
@@ -379,8 +390,11 @@ def open_checkpoint(d: Path) -> Iterator[Checkpoint]:
             if p not in handles:
                 if p.suffix == ".safetensors":
                     handles[p] = stack.enter_context(safe_open(str(p), framework="pt"))
-                else:  # a torch pickle: memory-mapped, tensors only
-                    handles[p] = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+                else:  # a torch pickle, tensors only: memory-mapped (zip format), else read whole (old tar format)
+                    try:
+                        handles[p] = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+                    except RuntimeError:
+                        handles[p] = torch.load(p, map_location="cpu", weights_only=True)
             return handles[p]
 
         if files is None:
@@ -414,8 +428,8 @@ def _fetch(ck: Checkpoint, fam: Family, name: str, shape: tuple[int, ...]) -> Te
     t = ck.get(key)
     if m.conv1d and t.dim() == 2:
         t = t.t()  # (in, out) → (out, in)
-    if m.part is not None:
-        t = t.chunk(m.parts, dim=0)[m.part]
+    if m.part is not None:  # a copy, so the fused tensor is freed
+        t = t.chunk(m.parts, dim=0)[m.part].clone(memory_format=torch.contiguous_format)
     if m.flat and t.numel() == torch.Size(shape).numel():
         t = t.reshape(shape)
     if tuple(t.shape) != shape:
@@ -423,12 +437,10 @@ def _fetch(ck: Checkpoint, fam: Family, name: str, shape: tuple[int, ...]) -> Te
     return t.contiguous()
 
 
-def _convert(cfg: Config, arch: str | None, ck: Checkpoint) -> tuple[S.Spec, dict[str, Tensor]]:
-    """Spec and mptc state dict, one tensor at a time."""
-    spec = spec_from_config(cfg, arch)
-    fam = _family(cfg)
-    low = lower(spec, "meta")
-    return spec, {n: _fetch(ck, fam, n, tuple(low.root.get_parameter(n).shape)) for n in low.params}
+def _state(spec: S.Spec, fam: Family, ck: Checkpoint) -> dict[str, Tensor]:
+    """The mptc state dict of a spec, read from a checkpoint one tensor at a time."""
+    low = lower(spec, "meta")  # names and shapes only
+    return {n: _fetch(ck, fam, n, tuple(low.root.get_parameter(n).shape)) for n in low.params}
 
 
 def read_config(d: Path) -> Config:
@@ -447,8 +459,9 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Convert a Hugging Face model dir to an mptc model dir (model.mpt + weights.safetensors), atomically."""
     d = Path(hf_dir)
     cfg = read_config(d)
+    spec = spec_from_config(cfg)  # refusals come before any weights are read
     with open_checkpoint(d) as ck:
-        spec, state = _convert(cfg, None, ck)
+        state = _state(spec, _family(cfg), ck)
     with atomic_dir(out_dir) as tmp:
         (tmp / SPEC_FILE).write_text(str(spec))
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mptc.spec": spec.name,
@@ -464,11 +477,13 @@ def from_hf(src: Any, device: str | torch.device = "cpu", dtype: torch.dtype | s
     if isinstance(src, (str, os.PathLike)):
         d = Path(src)
         cfg = read_config(d)
+        spec = spec_from_config(cfg)
         with open_checkpoint(d) as ck:
-            spec, state = _convert(cfg, None, ck)
+            state = _state(spec, _family(cfg), ck)
     elif hasattr(src, "config") and hasattr(src, "state_dict"):
-        cfg = src.config.to_dict()
-        spec, state = _convert(cfg, type(src).__name__, _checkpoint_of_state(src.state_dict(), type(src).__name__))
+        cfg, arch = src.config.to_dict(), type(src).__name__
+        spec = spec_from_config(cfg, arch)
+        state = _state(spec, _family(cfg), _checkpoint_of_state(src.state_dict(), arch))
     else:
         raise MptcError(f"from_hf needs a model dir or a transformers model, got {type(src).__name__}")
     return build(spec, weights=state, device=device, dtype=dtype).eval()

@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from . import ops
 from . import spec as S
+from .nested import Nest
 
 Axes = tuple[tuple[str, ...], ...]
 
@@ -71,6 +72,14 @@ class _Builder:
         self.sizes = sizes(spec)
         self.params: dict[str, NodeInfo] = {}
         self.layer: int | None = None
+        self.nested: set[tuple[int, str]] = set()  # (layer, role) of weights sliced by the Nest module
+        if spec.nested:
+            self.root.add_module("nest", Nest(spec))
+            for i, ly in enumerate(spec.layers):
+                if ly.mlp.nested:
+                    self.nested |= {(i, "mlp.up"), (i, "mlp.gate"), (i, "mlp.down")}
+                if ly.attention.nested:
+                    self.nested |= {(i, "attn.q"), (i, "attn.k"), (i, "attn.v"), (i, "attn.o")}
 
     # --- nodes ---
     def param(self, name: str, axes: Axes, role: str, init: str, io: tuple[str, ...]) -> fx.Node:
@@ -113,7 +122,14 @@ class _Builder:
                init: str = "normal") -> fx.Node:
         w = self.param(f"{name}.weight", (out_ax, in_ax), role, init, ("out", "in"))
         b = self.param(f"{name}.bias", (out_ax,), role, "zeros", ("out",)) if bias else None
+        if (self.layer, role) in self.nested:  # MatFormer: the active prefix of a nested layer
+            w = self.nest(w, role)
+            if b is not None and role not in ("attn.o", "mlp.down"):
+                b = self.nest(b, role)
         return self.call(F.linear, x, w, b, role=role)
+
+    def nest(self, x: fx.Node, site: str) -> fx.Node:
+        return self._tag(self.g.call_module("nest", (x, self.layer, site)), NodeInfo(site, self.layer))
 
     def norm(self, x: fx.Node, norm: S.Norm, name: str, role: str) -> fx.Node:
         w = self.param(f"{name}.weight", (("D",),), role, "ones", ("norm",))
@@ -186,6 +202,8 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
         h = b.norm(x, layer.norm, f"layers.{i}.attn_norm", "norm.attn") if pre else x
         att = _attention(b, i, a, h, bsz, seq, masks[a.mask, a.window or 0], rope.get(a.rotary))
         att = b.dropout(att, layer.dropout, f"layers.{i}.attn_dropout", "attn.dropout")
+        if layer.skippable:
+            att = b.nest(att, "skip")
         x = b.call(operator.add, x, att, role="residual.attn")
         if not pre:
             x = b.norm(x, layer.norm, f"layers.{i}.attn_norm", "norm.attn")
@@ -193,6 +211,8 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
         h = b.norm(x, layer.norm, f"layers.{i}.mlp_norm", "norm.mlp") if pre else x
         m = _mlp(b, i, layer.mlp, h)
         m = b.dropout(m, layer.dropout, f"layers.{i}.mlp_dropout", "mlp.dropout")
+        if layer.skippable:
+            m = b.nest(m, "skip")
         x = b.call(operator.add, x, m, role="residual.mlp")
         if not pre:
             x = b.norm(x, layer.norm, f"layers.{i}.mlp_norm", "norm.mlp")
@@ -231,10 +251,12 @@ def _attention(b: _Builder, i: int, a: S.Attention, h: fx.Node, bsz: fx.Node, se
                mask: fx.Node, rope: tuple[fx.Node, fx.Node] | None) -> fx.Node:
     H, G, K, Dv = f"H[{i}]", f"G[{i}]", f"K[{i}]", f"Dv[{i}]"  # noqa: N806
     pre = f"layers.{i}.attn"
+    nested = a.nested is not None  # the head count is set at run time by the active granularity
 
     def heads(name: str, n: tuple[str, int], d: tuple[str, int]) -> fx.Node:
         y = b.linear(h, f"{pre}.{name}", (n[0], d[0]), ("D",), a.bias, f"attn.{name}")  # (B, T, n·d)
-        y = b.method("view", y, bsz, seq, n[1], d[1], role=f"attn.{name}", shape=(None, None, n[0], d[0]))
+        count, sym = (-1, None) if nested else (n[1], n[0])
+        y = b.method("view", y, bsz, seq, count, d[1], role=f"attn.{name}", shape=(None, None, sym, d[0]))
         return b.method("transpose", y, 1, 2, role=f"attn.{name}")  # (B, n, T, d)
 
     q = heads("q", (H, a.heads), (K, a.head_dim))  # (B, H, T, K)
@@ -253,7 +275,8 @@ def _attention(b: _Builder, i: int, a: S.Attention, h: fx.Node, bsz: fx.Node, se
     else:
         o = b.call(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, scale=scale, role="attn.sdpa")
     o = b.method("transpose", o, 1, 2, role="attn.o")  # (B, T, H, Dv)
-    o = b.method("reshape", o, bsz, seq, a.heads * a.value_dim, role="attn.o", shape=(None, None, (H, Dv)))
+    o = b.method("reshape", o, bsz, seq, -1 if nested else a.heads * a.value_dim, role="attn.o",
+                 shape=(None, None, None if nested else (H, Dv)))
     return b.linear(o, f"{pre}.o", ("D",), (H, Dv), a.out_bias, "attn.o", init="residual")  # (B, T, D)
 
 

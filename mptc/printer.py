@@ -28,6 +28,8 @@ def _lit(x) -> str:
         return f"{x.kind}({args})"
     if x is None:
         return "none"
+    if isinstance(x, tuple):
+        return "[" + ", ".join(_lit(i) for i in x) + "]"
     return str(x)
 
 
@@ -76,16 +78,20 @@ def format_spec(spec: S.Spec) -> str:
     out.append(f"{INDENT}layers {len(ls)} {{")
     for k in ("norm", "placement", "dropout"):
         out.append(f"{INDENT * 2}{k} = {_per_layer([getattr(layer, k) for layer in ls])}")
+    if any(layer.skippable for layer in ls):
+        out.append(f"{INDENT * 2}skippable = {_per_layer([layer.skippable for layer in ls])}")
     att = [layer.attention for layer in ls]
     keys = ["heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout"]
     if any(a.rotary_dim not in (None, a.head_dim) for a in att):
         keys.append("rotary_dim")
     if any(a.window is not None for a in att):
         keys.append("window")
+    if any(a.nested is not None for a in att):
+        keys.append("nested")
     out += _block("attention", [(k, _per_layer([getattr(a, k) for a in att])) for k in keys], 2)
     mlp = [layer.mlp for layer in ls]
-    out += _block("mlp", [(k, _per_layer([getattr(m, k) for m in mlp])) for k in ("hidden", "activation", "bias")],
-                  2)
+    mkeys = ("hidden", "activation", "bias") + (("nested",) if any(m.nested for m in mlp) else ())
+    out += _block("mlp", [(k, _per_layer([getattr(m, k) for m in mlp])) for k in mkeys], 2)
     out.append(f"{INDENT}}}")
     h = spec.head
     hf = [("norm", _lit(h.norm))]

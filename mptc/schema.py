@@ -219,12 +219,14 @@ class PerLayer:
     def __init__(self, fields: Fields, n: int, path: str, spans: dict):
         self.f, self.n, self.path, self.spans = fields, n, path, spans
 
-    def take(self, name: str, conv: Callable[[V], Any], default: Any = None) -> list:
+    def take(self, name: str, conv: Callable[[V], Any], default: Any = None, listy: bool = False) -> list:
+        """`listy`: the field's own value is a list, so only a list of lists is per layer."""
         v = self.f.get(name)
         if v is None:
             return [default(i) if callable(default) else default for i in range(self.n)]
         self.spans[f"{self.path}.{name}"] = v
-        if isinstance(v.value, list):
+        per_layer = isinstance(v.value, list) and (not listy or _nested_list(v))
+        if per_layer:
             if len(v.value) != self.n:
                 raise SpecError(
                     f"'{name}' lists {_count(len(v.value), 'value')} but there {'is' if self.n == 1 else 'are'} "
@@ -256,10 +258,10 @@ def layer_span(spans: dict, path: str, layer: int, fallback: Span) -> Span:
 MODEL_FIELDS = ("vocab", "context", "width", "init")
 MODEL_BLOCKS = ("embed", "layers", "head")
 EMBED_FIELDS = ("input", "positions", "dropout", "norm", "segments")
-LAYER_FIELDS = ("norm", "placement", "dropout")
+LAYER_FIELDS = ("norm", "placement", "dropout", "skippable")
 ATTN_FIELDS = ("heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout", "rotary_dim",
-               "window")
-MLP_FIELDS = ("hidden", "activation", "bias")
+               "window", "nested")
+MLP_FIELDS = ("hidden", "activation", "bias", "nested")
 HEAD_FIELDS = {
     "lm": ("norm", "tied", "bias", "transform"),
     "classify": ("norm", "classes", "pool", "pooler", "bias"),
@@ -312,6 +314,45 @@ def _embed(b: ast.Block | None, env: dict, spans: dict) -> S.Embed:
     )
 
 
+def as_fractions(v: V) -> tuple[float, ...] | None:
+    """Nested granularities: increasing fractions in (0, 1] ending at 1, e.g. [1/8, 1/4, 1/2, 1]."""
+    if _is_none(v):
+        return None
+    if not isinstance(v.value, list) or not v.value:
+        raise SpecError(f"nested must be a list of fractions such as [1/8, 1/4, 1/2, 1], got {v.kind}", v.span)
+    out = [as_float(i, "a nested granularity") for i in v.value]
+    for i, x in zip(v.value, out, strict=True):
+        if not 0 < x <= 1:
+            raise SpecError(f"a nested granularity must be in (0, 1], got {i.value}", i.span)
+    if any(b <= a for a, b in zip(out, out[1:], strict=False)):
+        raise SpecError("nested granularities must increase", v.span, "write them smallest first: [1/8, 1/4, 1/2, 1]")
+    if out[-1] != 1:
+        raise SpecError("the last nested granularity must be 1 (the whole layer)", v.value[-1].span)
+    return tuple(out)
+
+
+def _nested_list(v: V) -> bool:
+    """A list-valued field given per layer: a list holding lists (or `none`s)."""
+    return isinstance(v.value, list) and any(isinstance(i.value, list) for i in v.value)
+
+
+def _listy_span(spans: dict, path: str, layer: int, fallback: Span) -> Span:
+    """The span of a list-valued per-layer field at `layer`: the inner list when given per layer."""
+    v = spans.get(path)
+    if v is None:
+        return fallback
+    if _nested_list(v):
+        return v.value[layer].span
+    return v.span
+
+
+def _check_levels(levels: tuple[float, ...] | None, n: int, what: str, span: Span) -> None:
+    for f in levels or ():
+        if abs(n * f - round(n * f)) > 1e-9 or round(n * f) < 1:
+            raise SpecError(f"granularity {f:g} of {n} {what} is not a whole number ({n * f:g})", span,
+                            f"choose fractions k/{n} so that every level keeps whole {what}")
+
+
 def _no_arg(b: ast.Block) -> None:
     if b.arg is not None:
         raise SpecError(f"`{b.name}` takes no argument", b.arg.span, f"write `{b.name} {{ … }}`")
@@ -327,6 +368,7 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
     norm = pl.take("norm", as_norm, S.Norm("layernorm"))
     placement = pl.take("placement", lambda v: as_choice(v, "placement", S.PLACEMENTS), "pre")
     dropout = pl.take("dropout", lambda v: as_prob(v, "dropout"), 0.0)
+    skippable = pl.take("skippable", lambda v: as_bool(v, "skippable"), False)
 
     ab = lf.blocks.get("attention")
     if ab is None:
@@ -377,15 +419,21 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
     hidden = mf.take("hidden", lambda v: as_int(v, "hidden"), 4 * width)
     act = mf.take("activation", lambda v: as_choice(v, "activation", S.ACTIVATIONS), "gelu")
     mbias = mf.take("bias", lambda v: as_bool(v, "bias"), True)
+    mnest = mf.take("nested", as_fractions, None, listy=True)
+    anest = af.take("nested", as_fractions, None, listy=True)
+    for i in range(n):
+        _check_levels(mnest[i], hidden[i], "hidden units", _listy_span(spans, "layers.mlp.nested", i, mb.span))
+        _check_levels(anest[i], kv[i], "kv head groups", _listy_span(spans, "layers.attention.nested", i, ab.span))
 
     return [
         S.Layer(
             attention=S.Attention(heads[i], kv[i], head_dim[i], value_dim[i], mask[i], bias[i], out_bias[i], adrop[i],
-                                  rotary[i], window[i]),
-            mlp=S.MLP(hidden[i], act[i], mbias[i]),
+                                  rotary[i], window[i], anest[i]),
+            mlp=S.MLP(hidden[i], act[i], mbias[i], mnest[i]),
             norm=norm[i],
             placement=placement[i],
             dropout=dropout[i],
+            skippable=skippable[i],
         )
         for i in range(n)
     ]

@@ -69,6 +69,7 @@ class Attention:
     rotary_dim: int | None = None  # rope: dims rotated per head (default all of head_dim), the rest pass
     #                                through; None without rope
     window: int | None = None  # sliding window: a query sees the `window` most recent keys (itself included)
+    nested: tuple[float, ...] | None = None  # MatFormer: nested prefixes, as fractions of the kv head groups
 
     @property
     def rotary(self) -> int:
@@ -80,6 +81,7 @@ class MLP:
     hidden: int  # F
     activation: str = "gelu"
     bias: bool = True
+    nested: tuple[float, ...] | None = None  # MatFormer: nested prefixes of the hidden units, e.g. (1/8, …, 1)
 
     @property
     def gated(self) -> bool:
@@ -93,6 +95,7 @@ class Layer:
     norm: Norm = Norm("layernorm")
     placement: str = "pre"  # pre | post
     dropout: float = 0.0  # on each residual branch
+    skippable: bool = False  # MatFormer / Mix'n'Match: a sub-network may skip this layer
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,11 @@ class Spec:
     embed: Embed = Embed()
     init: Init = Init()
     spans: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    @property
+    def nested(self) -> bool:
+        """Whether sub-networks can be cut out of this model (nested MLP or heads, or skippable layers)."""
+        return any(ly.mlp.nested or ly.attention.nested or ly.skippable for ly in self.layers)
 
     @property
     def n_layers(self) -> int:

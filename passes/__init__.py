@@ -9,8 +9,9 @@ the dimension-symbol engine (`passes.engine`) does the tensor work for all of th
 
 from .base import Pass, PassError
 from .engine import Certificate, Init, coupling_graph, sites
+from .extract import Extract, Reorder
 from .grow import (
-    PASSES,
+    GROWTH,
     AddHeads,
     AddKVHeads,
     AddLayers,
@@ -23,6 +24,8 @@ from .grow import (
 )
 from .pipeline import Pipeline, Report, grow_optimizer
 
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (*GROWTH, Extract, Reorder)}
+
 grow_mlp = GrowMLP
 add_heads = AddHeads
 grow_head_dim = GrowHeadDim
@@ -32,10 +35,40 @@ add_layers = AddLayers
 add_kv_heads = AddKVHeads
 grow_vocab = GrowVocab
 grow_context = GrowContext
+extract = Extract
+reorder = Reorder
 
 __all__ = [
-    "PASSES", "AddHeads", "AddKVHeads", "AddLayers", "Certificate", "GrowContext", "GrowHeadDim", "GrowMLP", "GrowQK",
-    "GrowVocab", "GrowWidth", "Init", "Pass", "PassError", "Pipeline", "Report", "add_heads", "add_kv_heads",
-    "add_layers", "coupling_graph", "grow_context", "grow_head_dim", "grow_mlp", "grow_optimizer", "grow_qk",
-    "grow_vocab", "grow_width", "sites",
+    "AddHeads",
+    "AddKVHeads",
+    "AddLayers",
+    "Certificate",
+    "Extract",
+    "GrowContext",
+    "GrowHeadDim",
+    "GrowMLP",
+    "GrowQK",
+    "GrowVocab",
+    "GrowWidth",
+    "Init",
+    "PASSES",
+    "Pass",
+    "PassError",
+    "Pipeline",
+    "Reorder",
+    "Report",
+    "add_heads",
+    "add_kv_heads",
+    "add_layers",
+    "coupling_graph",
+    "extract",
+    "grow_context",
+    "grow_head_dim",
+    "grow_mlp",
+    "grow_optimizer",
+    "grow_qk",
+    "grow_vocab",
+    "grow_width",
+    "reorder",
+    "sites",
 ]

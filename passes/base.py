@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
@@ -23,7 +24,8 @@ class Pass:
     """A rewrite of a compiled model. Subclasses say what changes (`change`); the engine does it."""
 
     name: ClassVar[str] = "pass"
-    exact: ClassVar[bool] = True  # the function is preserved (growth, reordering)
+    exact: ClassVar[bool] = True  # the function is preserved: equal to `reference(old)`'s
+    f32_tol: ClassVar[float] = 1e-5
 
     def __post_init__(self):
         init = getattr(self, "init", None)
@@ -52,6 +54,11 @@ class Pass:
     def apply(self, model: fx.GraphModule) -> tuple[fx.GraphModule, Certificate]:
         self.requires(model)
         return remap(model, self.change(model))
+
+    def reference(self, old: fx.GraphModule) -> contextlib.AbstractContextManager:
+        """A context in which the old model computes what the new one must (itself, by default;
+        extraction: the old model run at the extracted granularity)."""
+        return contextlib.nullcontext()
 
     def comparable(self, old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The parts of the old and new outputs that must agree (all of them, by default)."""

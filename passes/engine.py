@@ -207,13 +207,24 @@ class Change:
     scale: Callable[[str, NodeInfo], float] | None = None  # factor for a tensor's old entries
     origin: Callable[[str], tuple[str | None, bool]] | None = None  # new name → (old name, is fresh)
     init: Init = field(default_factory=Init)
+    layer_origin: dict[int, int] | None = None  # new layer index → old one, where layers move
+
+    def old_sizes(self, old: dict[str, int]) -> dict[str, int]:
+        """The old sizes of the symbols by their new names (per-layer symbols follow moved layers)."""
+        if not self.layer_origin:
+            return old
+        out = dict(old)
+        for new_i, old_i in self.layer_origin.items():
+            for s in ("H", "G", "K", "Dv", "F"):
+                out[f"{s}[{new_i}]"] = old[f"{s}[{old_i}]"]
+        return out
 
 
 def remap(model: fx.GraphModule, change: Change) -> tuple[fx.GraphModule, Certificate]:
     """Build the model of `change.spec` with every tensor made from the old model's."""
     old_spec = spec_of(model)
     old_sd = {k: v.detach() for k, v in model.state_dict().items()}
-    old_sizes, new_sizes = sizes(old_spec), sizes(change.spec)
+    old_sizes, new_sizes = change.old_sizes(sizes(old_spec)), sizes(change.spec)
     for s, m in change.maps.items():
         if m.numel() != new_sizes.get(s, -1):
             raise AssertionError(f"map of {s} has {m.numel()} entries, the new spec needs {new_sizes.get(s)}")

@@ -351,5 +351,5 @@ class GrowContext(Pass):
         return Change(spec.replace(context=self.context), maps, init=self.init)
 
 
-PASSES: dict[str, type[Pass]] = {p.name: p for p in (GrowMLP, AddHeads, GrowHeadDim, GrowQK, GrowWidth, AddLayers,
-                                                      AddKVHeads, GrowVocab, GrowContext)}
+GROWTH: tuple[type[Pass], ...] = (GrowMLP, AddHeads, GrowHeadDim, GrowQK, GrowWidth, AddLayers, AddKVHeads, GrowVocab,
+                                  GrowContext)

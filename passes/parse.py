@@ -12,9 +12,9 @@ from mptc.errors import MptcError, SpecError, suggest
 from mptc.evaluate import CallValue, Sym, V, evaluate, evaluate_lets
 from mptc.syntax import parse_calls
 
+from . import PASSES
 from .base import Pass
 from .engine import Init
-from .grow import PASSES
 
 INIT_KINDS = ("zeros", "normal", "copy")
 
@@ -69,7 +69,22 @@ def _value(key: str, v: V):
     x = v.value
     if key == "init":
         return _init(v)
-    if key == "layers":
+    if key in ("mlp", "heads", "mix"):  # granularities: a name, a fraction, or a string like "s,s,m"
+        if isinstance(x, Sym):
+            return x.name
+        if isinstance(x, str):
+            return x
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            return repr(float(x))
+        raise SpecError(f"{key} must be a granularity such as s, m, l, xl or 0.5, got {v.kind}", v.span)
+    if key in ("by", "what"):
+        choices = ("weight", "activation") if key == "by" else ("mlp", "heads", "both")
+        if not isinstance(x, Sym) or x.name not in choices:
+            raise SpecError(f"{key} must be {' or '.join(choices)}, got {v.kind}", v.span)
+        return x.name
+    if key == "calibration":
+        raise SpecError("calibration data cannot be written in a pass; use --data FILES", v.span)
+    if key in ("layers", "drop_layers"):
         items = x if isinstance(x, list) else [v]
         for i in items:
             if isinstance(i.value, bool) or not isinstance(i.value, int):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import fx
 
@@ -31,7 +33,7 @@ def as_dtype(model: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
 
 @torch.no_grad()
 def max_error(old: fx.GraphModule, new: fx.GraphModule, inputs: list[dict], dtype: torch.dtype,
-              comparable=None) -> float:
+              comparable=None, reference=None) -> float:
     """Max abs difference between two models' outputs (eval mode), relative to max(1, |output|)."""
     models = [as_dtype(old, dtype), as_dtype(new, dtype)]
     modes = [m.training for m in models]
@@ -41,7 +43,9 @@ def max_error(old: fx.GraphModule, new: fx.GraphModule, inputs: list[dict], dtyp
     try:
         for x in inputs:
             x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
-            a, b = models[0](**x), models[1](**x)
+            with reference(models[0]) if reference else contextlib.nullcontext():
+                a = models[0](**x)
+            b = models[1](**x)
             if comparable is not None:
                 a, b = comparable(a, b)
             if a.shape != b.shape:

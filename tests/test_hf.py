@@ -51,8 +51,15 @@ VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermedi
            patch_size=4, num_labels=5, qkv_bias=True)
 
 
-def _hf(cls, config):
-    return cls.from_config(config, attn_implementation="eager").eval()
+def _hf(cls, config, seed: int = 0):
+    """A transformers model in eval mode, every tensor perturbed: its init zeroes biases and sets norm gains to 1,
+    which would hide a bias or norm that the import drops or misplaces."""
+    model = cls.from_config(config, attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -92,11 +99,15 @@ def test_import_causal_lm(name, ids, tmp_path):
     model = mptc.load_model(tmp_path / "m").eval()
     spec = mptc.spec_of(model)
     assert {k: _facts(spec)[k] for k in facts} == facts
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0  # right padding: real tokens must not see it
     with torch.no_grad():
         ref = hf(input_ids=ids).logits
         _close(model(input_ids=ids), ref)
         _close(from_hf(hf)(input_ids=ids), ref)  # from the object: its config and state_dict
         _close(from_hf(tmp_path / "hf")(input_ids=ids), ref)
+        valid = mask.bool()
+        _close(model(input_ids=ids, attention_mask=mask)[valid], hf(input_ids=ids, attention_mask=mask).logits[valid])
 
 
 @pytest.mark.parametrize("fmt", ["sharded", "bin"])
@@ -123,8 +134,8 @@ def test_import_needs_no_transformers(tmp_path, monkeypatch):
     assert (tmp_path / "m" / "model.mpt").is_file() and (tmp_path / "m" / "weights.safetensors").is_file()
 
 
-@pytest.mark.parametrize("cls, head", [(T.BertForMaskedLM, "lm"), (T.BertForSequenceClassification, "classify"),
-                                       (T.BertModel, "none")])
+@pytest.mark.parametrize("cls, head", [(T.AutoModelForMaskedLM, "lm"), (T.AutoModelForSequenceClassification,
+                                                                      "classify"), (T.AutoModel, "none")])
 def test_import_bert(cls, head, bert_inputs, tmp_path):
     hf = _hf(cls, T.BertConfig(**BERT, num_labels=3))
     hf.save_pretrained(tmp_path / "hf")
@@ -143,7 +154,7 @@ def test_import_bert(cls, head, bert_inputs, tmp_path):
         _close(out[valid], ref[valid])
 
 
-@pytest.mark.parametrize("cls", [T.ViTForImageClassification, T.ViTModel])
+@pytest.mark.parametrize("cls", [T.AutoModelForImageClassification, T.AutoModel])
 def test_import_vit(cls, tmp_path):
     hf = _hf(cls, T.ViTConfig(**VIT))
     hf.save_pretrained(tmp_path / "hf")
@@ -153,7 +164,7 @@ def test_import_vit(cls, tmp_path):
     px = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         r = hf(pixel_values=px)
-        ref = r.logits if cls is T.ViTForImageClassification else r.last_hidden_state
+        ref = r.logits if cls is T.AutoModelForImageClassification else r.last_hidden_state
         _close(model(pixel_values=px), ref)
         _close(from_hf(hf)(pixel_values=px), ref)  # in memory, transformers 5 spells ViT's modules differently
 
@@ -167,7 +178,7 @@ def test_imported_model_to_onnx(family, ids, bert_inputs, tmp_path):
         hf = _hf(T.AutoModelForCausalLM, CAUSAL["llama-gqa"][0])
         inputs, valid = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None
     else:
-        hf = _hf(T.BertForMaskedLM, T.BertConfig(**BERT))
+        hf = _hf(T.AutoModelForMaskedLM, T.BertConfig(**BERT))
         inputs, valid = bert_inputs, bert_inputs["attention_mask"].bool()
     hf.save_pretrained(tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "m")

@@ -1,0 +1,225 @@
+"""MatFormer nesting (Devvrit et al. 2023, arXiv 2310.07707): sub-networks by index prefix.
+
+A nested layer keeps, at granularity f, the first f·F hidden units of its MLP (W1[:k], b1[:k],
+W2[:, :k]) and/or the first f·G kv head groups of its attention (whole groups, so the GQA ratio
+holds). Skippable layers may be left out. A `Choice` names one sub-network; it is written as
+text like the command line takes it:
+
+    mlp="s"                 every nested MLP at granularity s
+    mix="s,s,m,l,xl,xl"     Mix'n'Match: one granularity per layer (names or fractions: 0.5, 1/8)
+    heads="m"               every nested attention at granularity m
+    skip=[3, 7]             leave out layers 3 and 7 (they must be `skippable`)
+
+The compiled module runs any sub-network without copying weights (`granularity(model, …)`);
+`mptc extract` cuts it out physically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, fx, nn
+
+from . import spec as S
+from .errors import MptcError, suggest
+
+PAPER = {0.125: "s", 0.25: "m", 0.5: "l", 1.0: "xl"}  # the MatFormer paper's four granularities
+NAMES = ("xxs", "xs", "s", "m", "l", "xl")
+
+
+def level_names(levels: Sequence[float]) -> tuple[str, ...]:
+    """Names of a layer's granularities: the paper's (1/8 s, 1/4 m, 1/2 l, 1 xl) when the levels are
+    among those, else the last k of xxs, xs, s, m, l, xl (or g0, g1, … beyond six)."""
+    if all(x in PAPER for x in levels):
+        return tuple(PAPER[x] for x in levels)
+    k = len(levels)
+    return NAMES[-k:] if k <= len(NAMES) else tuple(f"g{i}" for i in range(k))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One sub-network: per layer the active fraction of MLP units and of kv groups, and skipped layers."""
+
+    mlp: tuple[float, ...]
+    heads: tuple[float, ...]
+    skip: frozenset[int] = frozenset()
+
+    @staticmethod
+    def full(spec: S.Spec) -> Choice:
+        return Choice((1.0,) * spec.n_layers, (1.0,) * spec.n_layers)
+
+    @property
+    def is_full(self) -> bool:
+        return all(f == 1.0 for f in self.mlp + self.heads) and not self.skip
+
+
+def _level(token: str, levels: tuple[float, ...] | None, layer: int, what: str) -> float:
+    """A granularity token (name or fraction) resolved against one layer's declared levels."""
+    token = token.strip()
+    if levels is None:
+        if token in ("xl", "1", "1.0", "full"):
+            return 1.0
+        raise MptcError(f"layer {layer} has no nested {what}, so it only runs whole (xl), not {token!r}",
+                        hint=f"declare `nested = […]` in the {what} block")
+    names = level_names(levels)
+    if token in names:
+        return levels[names.index(token)]
+    try:
+        num, _, den = token.partition("/")
+        f = float(num) / float(den) if den else float(num)
+    except ValueError:
+        raise MptcError(f"unknown granularity {token!r} for layer {layer}",
+                        hint=suggest(token, names) or f"use one of {', '.join(names)} or a fraction") from None
+    for x in levels:
+        if abs(x - f) < 1e-9:
+            return x
+    raise MptcError(f"granularity {token} is not one of layer {layer}'s nested {what} levels "
+                    f"({', '.join(f'{n} = {x:g}' for n, x in zip(names, levels, strict=True))})")
+
+
+def parse_choice(spec: S.Spec, mix: str | None = None, *, mlp: str | None = None, heads: str | None = None,
+                 skip: Sequence[int] | str = ()) -> Choice:
+    """A Choice from its text parts (see the module docstring); unset parts stay whole."""
+    n = spec.n_layers
+    if mix is not None and mlp is not None:
+        raise MptcError("give either a per-layer mix or one MLP granularity, not both")
+    mlp_tokens: list[str] = [mlp] * n if mlp is not None else ["xl"] * n
+    if mix is not None:
+        mlp_tokens = [t for t in mix.replace(" ", ",").split(",") if t]
+        if len(mlp_tokens) == 1:
+            mlp_tokens *= n
+        if len(mlp_tokens) != n:
+            raise MptcError(f"the mix lists {len(mlp_tokens)} granularities but the model has {n} layers",
+                            hint="give one per layer, e.g. " + ",".join(["s"] * n))
+    head_tokens = [heads] * n if heads is not None else ["xl"] * n
+    if isinstance(skip, str):
+        try:
+            skip = [int(t) for t in skip.replace(" ", ",").split(",") if t]
+        except ValueError:
+            raise MptcError(f"layers to drop must be indices like 3,7; got {skip!r}") from None
+    drop = set()
+    for i in skip:
+        if not -n <= i < n:
+            raise MptcError(f"cannot drop layer {i}: the model has {n} layers (0..{n - 1})")
+        i %= n
+        if not spec.layers[i].skippable:
+            ok = [j for j, ly in enumerate(spec.layers) if ly.skippable]
+            raise MptcError(f"layer {i} is not skippable", hint=f"skippable layers: {ok}" if ok else
+                            "declare `skippable = …` in the layers block")
+        drop.add(i)
+    if len(drop) == n:
+        raise MptcError("cannot drop every layer")
+    mlp_f = tuple(_level(t, ly.mlp.nested, i, "MLP") if t != "xl" or ly.mlp.nested else 1.0
+                  for i, (t, ly) in enumerate(zip(mlp_tokens, spec.layers, strict=True)))
+    head_f = tuple(_level(t, ly.attention.nested, i, "attention") if t != "xl" or ly.attention.nested else 1.0
+                   for i, (t, ly) in enumerate(zip(head_tokens, spec.layers, strict=True)))
+    return Choice(mlp_f, head_f, frozenset(drop))
+
+
+def active_sizes(spec: S.Spec, choice: Choice) -> list[tuple[int, int, int]]:
+    """Per layer: (active hidden units, active query heads, active kv heads)."""
+    out = []
+    for i, ly in enumerate(spec.layers):
+        a = ly.attention
+        g = round(a.kv_heads * choice.heads[i])
+        out.append((round(ly.mlp.hidden * choice.mlp[i]), g * (a.heads // a.kv_heads), g))
+    return out
+
+
+def _rescale(levels: tuple[float, ...] | None, f: float) -> tuple[float, ...] | None:
+    if levels is None:
+        return None
+    kept = tuple(x / f for x in levels if x <= f + 1e-12)
+    return kept if len(kept) > 1 else None
+
+
+def sub_spec(spec: S.Spec, choice: Choice) -> S.Spec:
+    """The spec of a sub-network: smaller layers, dropped layers gone; the nesting below the
+    chosen level is kept (rescaled), so an extracted model can be cut further."""
+    sizes = active_sizes(spec, choice)
+    layers = []
+    for i, ly in enumerate(spec.layers):
+        if i in choice.skip:
+            continue
+        f, h, g = sizes[i]
+        layers.append(replace(
+            ly,
+            mlp=replace(ly.mlp, hidden=f, nested=_rescale(ly.mlp.nested, choice.mlp[i])),
+            attention=replace(ly.attention, heads=h, kv_heads=g,
+                              nested=_rescale(ly.attention.nested, choice.heads[i])),
+        ))
+    return spec.replace(layers=tuple(layers))
+
+
+# --- running a sub-network inside the full module ------------------------------------------
+
+
+class Nest(nn.Module):
+    """Slices weights to the active prefix and silences skipped layers, per layer.
+
+    The lowered graph routes each nested weight through `nest(w, layer, site)` and each
+    skippable layer's residual branches through `nest(x, layer, "skip")`. Slices are views,
+    so sub-networks share (and train) the parent's parameters.
+    """
+
+    def __init__(self, spec: S.Spec):
+        super().__init__()
+        self.spec = spec
+        self.choice = Choice.full(spec)
+        self._sizes = active_sizes(spec, self.choice)
+
+    def set(self, choice: Choice) -> None:
+        self.choice = choice
+        self._sizes = active_sizes(self.spec, choice)
+
+    def forward(self, x: Tensor, layer: int, site: str) -> Tensor:
+        if site == "skip":
+            return torch.zeros_like(x) if layer in self.choice.skip else x
+        f, h, g = self._sizes[layer]
+        a = self.spec.layers[layer].attention
+        if site in ("mlp.up", "mlp.gate"):
+            return x[:f]
+        if site == "mlp.down":
+            return x[..., :f]
+        if site == "attn.q":
+            return x[: h * a.head_dim]
+        if site == "attn.k":
+            return x[: g * a.head_dim]
+        if site == "attn.v":
+            return x[: g * a.value_dim]
+        if site == "attn.o":
+            return x[..., : h * a.value_dim]
+        raise AssertionError(site)
+
+
+def nest_of(model: fx.GraphModule) -> Nest:
+    try:
+        return model.get_submodule("nest")
+    except AttributeError:
+        raise MptcError("this model has no nested sub-networks",
+                        hint="declare `nested = […]` in mlp or attention, or `skippable` layers") from None
+
+
+@contextlib.contextmanager
+def granularity(model: fx.GraphModule, mix: str | Choice | None = None, *, mlp: str | None = None,
+                heads: str | None = None, skip: Sequence[int] | str = ()) -> Iterator[Choice]:
+    """Run `model` as one of its sub-networks inside the block (no weights are copied):
+
+        with granularity(model, "s,s,m,l"):      # Mix'n'Match, one granularity per layer
+            logits = model(input_ids=ids)
+        with granularity(model, mlp="s", skip=[3]):
+            ...
+    """
+    from .model import spec_of
+
+    nest = nest_of(model)
+    choice = mix if isinstance(mix, Choice) else parse_choice(spec_of(model), mix, mlp=mlp, heads=heads, skip=skip)
+    before = nest.choice
+    nest.set(choice)
+    try:
+        yield choice
+    finally:
+        nest.set(before)
