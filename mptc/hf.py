@@ -500,16 +500,20 @@ def _show(v: Any) -> str:
     return "none" if v is None else str(v)
 
 
-def _same(fam: str, key: str, values: list, what: str = "") -> str | None:
-    """A problem when per-layer values differ (a last extra value is the head's): the config holds one value."""
+def _same(fam: str, key: str, values: list, what: str = "", where: list[str] | None = None) -> str | None:
+    """A problem when per-layer values differ: the family's config holds one value for all of them."""
+    where = where or [f"layer {j}" for j in range(len(values))]
     for j, v in enumerate(values):
         if v != values[0]:
-            where = f"layer {j}" if j < len(values) - 1 or key not in _WITH_HEAD else "the head"
-            return f"{fam}'s config has one `{key}`; {where} has {what}{_show(v)}, layer 0 has {what}{_show(values[0])}"
+            return (f"{fam}'s config has one `{key}`; {where[j]} has {what}{_show(v)}, "
+                    f"{where[0]} has {what}{_show(values[0])}")
     return None
 
 
-_WITH_HEAD = ("layer_norm_epsilon", "rms_norm_eps")  # their value lists end with the head's norm
+def _same_eps(spec: S.Spec, fam: str, key: str) -> str | None:
+    """One norm epsilon for every layer and the final norm."""
+    norms = [(f"layer {i}", ly.norm) for i, ly in enumerate(spec.layers)] + [("the head", spec.head.norm)]
+    return _same(fam, key, [n.eps for _, n in norms if n], "eps ", [w for w, n in norms if n])
 
 
 def _every(spec: S.Spec, bad: Callable[[S.Layer], str | None]) -> str | None:
@@ -524,11 +528,11 @@ def _every(spec: S.Spec, bad: Callable[[S.Layer], str | None]) -> str | None:
 def _common(spec: S.Spec, fam: str) -> list[str | None]:
     e, h = spec.embed, spec.head
     return [
+        h.kind != "lm" and f"{fam} export writes a causal LM; this model has a {h.kind} head",
         spec.patches is not None and f"{fam} reads tokens; this model reads image patches",
         e.norm is not None and f"{fam} has no embedding norm; this model has embed.norm",
         e.segments > 0 and f"{fam} has no token types; this model has segments = {e.segments}",
-        h.kind != "lm" and f"{fam} export writes a causal LM; this model has a {h.kind} head",
-        h.bias and f"{fam}'s lm_head has no bias; this model's head has bias = true",
+        h.kind == "lm" and h.bias and f"{fam}'s lm_head has no bias; this model's head has bias = true",
         h.transform is not None and f"{fam} has no head transform; this model's head has one",
         _every(spec, lambda ly: ly.placement == "post" and f"{fam} is pre-norm; layer {{i}} is post-norm"),
         _every(spec, lambda ly: ly.attention.mask != "causal" and f"{fam} is causal; layer {{i}} is bidirectional"),
@@ -545,7 +549,6 @@ LLAMA_ACTS = {"swiglu": "silu", "geglu": "gelu"}
 def _gpt2_export(spec: S.Spec) -> tuple[list[str], Config]:
     """GPT2LMHeadModel: learned positions, layernorm with bias, one plain MLP, biases everywhere."""
     L, a0 = spec.layers, spec.layers[0].attention  # noqa: N806
-    norms = [ly.norm for ly in L] + [spec.head.norm]
     acts = [ly.mlp.activation for ly in L]
     problems = _common(spec, "GPT-2") + [
         spec.embed.positions.kind != "learned" and
@@ -555,7 +558,7 @@ def _gpt2_export(spec: S.Spec) -> tuple[list[str], Config]:
                f"GPT-2 norms are layernorms with bias (`layer_norm_epsilon`); layer {{i}} has {_show(ly.norm)}"),
         spec.head.norm is not None and not (spec.head.norm.kind == "layernorm" and spec.head.norm.bias) and
         f"GPT-2's final norm `ln_f` is a layernorm with bias; this model's head has {_show(spec.head.norm)}",
-        _same("GPT-2", "layer_norm_epsilon", [n.eps if n else None for n in norms], "eps "),
+        _same_eps(spec, "GPT-2", "layer_norm_epsilon"),
         _same("GPT-2", "n_head", [ly.attention.heads for ly in L]),
         _every(spec, lambda ly: ly.attention.kv_heads != ly.attention.heads and
                f"GPT-2 has no grouped-query attention (`n_head` only); layer {{i}} has kv_heads = "
@@ -600,7 +603,7 @@ def _llama_export(spec: S.Spec) -> tuple[list[str], Config]:
         any(n is not None and n.kind != "rmsnorm" for n in norms) and
         f"Llama's norms are RMSNorm (`rms_norm_eps`); this model has "
         f"{next(_show(n) for n in norms if n is not None and n.kind != 'rmsnorm')}",
-        _same("Llama", "rms_norm_eps", [n.eps if n else None for n in norms], "eps "),
+        _same_eps(spec, "Llama", "rms_norm_eps"),
         _same("Llama", "num_attention_heads", [a.heads for a in att]),
         _same("Llama", "num_key_value_heads", [a.kv_heads for a in att]),
         _same("Llama", "head_dim", [a.head_dim for a in att]),
@@ -646,7 +649,7 @@ def _export_config(spec: S.Spec, family: str | None) -> tuple[str, Config]:
     problems, config = tried[name]
     if not problems:
         return name, config
-    rest = f"; also: {'; '.join(problems[1:])}" if len(problems) > 1 else ""
+    rest = f"; also: {'; '.join(problems[1:4])}" + (" …" if len(problems) > 4 else "") if len(problems) > 1 else ""
     raise MptcError(f"cannot export as {FAMILIES[name].name}: {problems[0]}", hint=(
         "export-hf writes GPT-2 (learned positions, layernorm, plain MLP) or Llama (rope, RMSNorm, gated MLP), "
         "with one value per config field for all layers" + rest))

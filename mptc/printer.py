@@ -129,6 +129,8 @@ def format_expr(e: ast.Expr, parent: int = 0) -> str:
         return f"{e.name}(" + ", ".join(args) + ")"
     if isinstance(e, ast.BinOp):
         p = _PREC[e.op]
+        if e.op == "/" and isinstance(e.left, ast.Num) and isinstance(e.right, ast.Num):
+            return f"{e.left.text}/{e.right.text}"  # a fraction literal: 1/8
         # left-associative: the right operand needs parentheses at equal precedence
         s = f"{format_expr(e.left, p)} {e.op} {format_expr(e.right, p + 1)}"
         return f"({s})" if p < parent else s
