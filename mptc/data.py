@@ -58,3 +58,49 @@ def calibration_batches(model: fx.GraphModule, paths: Sequence[str], samples: in
     length = min(spec.context or 128, 128)
     x = windows(read_bytes(paths), samples, length, torch.Generator().manual_seed(seed))
     return [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in x.split(batch)]
+
+
+# --- training data: sources, the held-out split, batches ------------------------------------
+
+STDLIB = "stdlib"  # the name `--data stdlib` gives the standard library corpus
+
+
+def resolve_sources(data: Sequence[str | os.PathLike]) -> list[Path]:
+    """`--data` arguments as files, in order: `stdlib` → the standard library's .py files, a directory →
+    every file under it (sorted), a file → itself."""
+    if not data:
+        raise MptcError("no training data given", hint="pass --data FILES…, or --data stdlib for the Python standard "
+                        "library's source (byte-level text every machine has)")
+    out: list[Path] = []
+    for d in data:
+        if str(d) == STDLIB:
+            out += stdlib_files()
+            continue
+        p = Path(d)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            if not files:
+                raise MptcError(f"data directory {p} holds no files")
+            out += files
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise MptcError(f"no such data file: {p}", hint="--data takes files, directories, or `stdlib`")
+    return out
+
+
+def split_tokens(tokens: torch.Tensor, held_out: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out): the held-out part is the last `held_out` fraction of the stream."""
+    if not 0.0 < held_out < 1.0:
+        raise MptcError(f"the held-out fraction must be in (0, 1), got {held_out}")
+    cut = int(tokens.numel() * (1.0 - held_out))
+    return tokens[:cut], tokens[cut:]
+
+
+def even_windows(tokens: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """n windows of `length` tokens at evenly spaced starts (deterministic, for evaluation): (n, length)."""
+    if tokens.numel() < length:
+        raise MptcError(f"the held-out data has {tokens.numel()} tokens, fewer than one window of {length}",
+                        hint="give more data or a larger held-out fraction")
+    start = torch.linspace(0, tokens.numel() - length, n).long()
+    return torch.stack([tokens[s: s + length] for s in start.tolist()])

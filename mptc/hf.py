@@ -455,17 +455,20 @@ def read_config(d: Path) -> Config:
         raise MptcError(f"{p} is not valid JSON: {e}") from None
 
 
-def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Convert a Hugging Face model dir to an mptc model dir (model.mpt + weights.safetensors), atomically."""
-    d = Path(hf_dir)
+def _read_dir(d: Path) -> tuple[S.Spec, dict[str, Tensor]]:
     cfg = read_config(d)
     spec = spec_from_config(cfg)  # refusals come before any weights are read
     with open_checkpoint(d) as ck:
-        state = _state(spec, _family(cfg), ck)
+        return spec, _state(spec, _family(cfg), ck)
+
+
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Convert a Hugging Face model dir to an mptc model dir (model.mpt + weights.safetensors), atomically."""
+    spec, state = _read_dir(Path(hf_dir))
     with atomic_dir(out_dir) as tmp:
         (tmp / SPEC_FILE).write_text(str(spec))
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mptc.spec": spec.name,
-                                                             "mptc.source": f"hf:{cfg['model_type']}"})
+                                                             "mptc.source": "huggingface"})
     return Path(out_dir)
 
 
@@ -475,11 +478,7 @@ def from_hf(src: Any, device: str | torch.device = "cpu", dtype: torch.dtype | s
     For a model object, its config and `state_dict()` are used and its class picks the head.
     """
     if isinstance(src, (str, os.PathLike)):
-        d = Path(src)
-        cfg = read_config(d)
-        spec = spec_from_config(cfg)
-        with open_checkpoint(d) as ck:
-            state = _state(spec, _family(cfg), ck)
+        spec, state = _read_dir(Path(src))
     elif hasattr(src, "config") and hasattr(src, "state_dict"):
         cfg, arch = src.config.to_dict(), type(src).__name__
         spec = spec_from_config(cfg, arch)
@@ -607,6 +606,8 @@ def _llama_export(spec: S.Spec) -> tuple[list[str], Config]:
         _same("Llama", "num_attention_heads", [a.heads for a in att]),
         _same("Llama", "num_key_value_heads", [a.kv_heads for a in att]),
         _same("Llama", "head_dim", [a.head_dim for a in att]),
+        spec.width % a0.heads != 0 and  # LlamaConfig checks it (transformers 5), although `head_dim` is explicit
+        f"Llama's config needs `hidden_size` divisible by `num_attention_heads`; width {spec.width}, {a0.heads} heads",
         _every(spec, lambda ly: ly.attention.rotary != ly.attention.head_dim and
                f"Llama rotates the whole head (`head_dim`); layer {{i}} has rotary_dim {ly.attention.rotary} of "
                f"head_dim {ly.attention.head_dim}"),
@@ -641,7 +642,7 @@ EXPORTS: dict[str, Callable[[S.Spec], tuple[list[str], Config]]] = {"gpt2": _gpt
 
 
 def _export_config(spec: S.Spec, family: str | None) -> tuple[str, Config]:
-    """The family (given, or the first that fits) and its config; MptcError naming the field otherwise."""
+    """The family (given, or the one with the fewest problems) and its config; else MptcError naming the field."""
     if family is not None and family not in EXPORTS:
         raise MptcError(f"cannot export to family '{family}'", hint=f"export-hf writes: {', '.join(EXPORTS)}")
     tried = {name: EXPORTS[name](spec) for name in ([family] if family else EXPORTS)}
@@ -665,8 +666,8 @@ def _hf_state(model: fx.GraphModule, table: dict[str, Map]) -> dict[str, Tensor]
         groups.setdefault(m.hf[0].format(i=i), []).append((m.part or 0, sd[name].detach(), m.conv1d))
     out = {}
     for key, parts in groups.items():
-        t = torch.cat([p for _, p, _ in sorted(parts, key=lambda x: x[0])], dim=0)
-        out[key] = (t.t() if parts[0][2] and t.dim() == 2 else t).contiguous().cpu()
+        t = parts[0][1] if len(parts) == 1 else torch.cat([p for _, p, _ in sorted(parts, key=lambda x: x[0])])
+        out[key] = (t.t() if parts[0][2] and t.dim() == 2 else t).contiguous().cpu()  # Conv1D: (in, out)
     return out
 
 

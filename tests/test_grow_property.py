@@ -81,7 +81,7 @@ def _old_vs_new(spec, original, model):
     return a, b[..., : a.shape[-1]]
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_random_growth_keeps_the_function(data):
     spec, model, done = data.draw(grown())
