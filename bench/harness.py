@@ -230,7 +230,8 @@ class Stats:
     warmup: list[float] = field(default_factory=list)
     peak: int = 0  # bytes above the resident set before the op, max over all runs
     hwm: int = 0  # the process's peak resident set, max over all runs
-    info: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # what the op returned: medians over timed runs of numbers
+    infos: list[dict] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -292,12 +293,22 @@ def interleave(cands: dict[str, tuple[Worker, str]], warmup: int = 1, reps: int 
             (s.warmup if r < warmup else s.times).append(res["seconds"])
             s.peak, s.hwm = max(s.peak, res["peak"]), max(s.hwm, res["hwm"])
             if res["info"]:
-                s.info = res["info"]
+                if r >= warmup:
+                    s.infos.append(res["info"])
+                s.info = _median_info(s.infos or [res["info"]])
         if say and names:
             done = [f"{k} {stats[k].times[-1] if stats[k].times else stats[k].warmup[-1]:.3f}s" for k in names
                     if (stats[k].times or stats[k].warmup) and not stats[k].error]
             say(f"    round {r + 1}{' (warmup)' if r < warmup else ''}: " + ", ".join(done))
     return stats
+
+
+def _median_info(infos: list[dict]) -> dict:
+    out = dict(infos[-1])
+    for k, v in out.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = statistics.median(i[k] for i in infos if k in i)
+    return out
 
 
 def _last_line(text: str | None) -> str:

@@ -42,6 +42,8 @@ def example_inputs(spec: S.Spec, batch: int = 2, seq: int = 8, seed: int = 0,
     out = {"input_ids": ids, "attention_mask": mask}
     if spec.embed.segments:  # two segments, as in BERT's sentence pairs
         out["token_type_ids"] = (torch.arange(seq) >= seq // 2).long().expand(batch, seq).contiguous()
+    if spec.conditions:  # the side input: one vector per example
+        out["conditions"] = torch.randn(batch, spec.conditions, generator=g)
     return out
 
 
@@ -50,7 +52,7 @@ def dynamic_shapes(spec: S.Spec) -> dict:
     if spec.patches is not None:
         return {"pixel_values": {0: batch}}
     seq = Dim("sequence", min=1, max=spec.seq_len or 1 << 20)
-    return {name: {0: batch, 1: seq} for name in spec.inputs}
+    return {name: {0: batch} if name == "conditions" else {0: batch, 1: seq} for name in spec.inputs}
 
 
 def _export_inputs(spec: S.Spec) -> dict[str, torch.Tensor]:

@@ -55,6 +55,17 @@ def sizes(spec: S.Spec) -> dict[str, int]:
         out["C"] = spec.head.classes
     if spec.embed.segments:
         out["S"] = spec.embed.segments
+    e = spec.embed
+    if spec.conditions:
+        out["Cn"] = spec.conditions
+    if e.types:
+        out["T"] = len(e.types)
+        out |= {f"V:{t.name}": t.size for t in e.types}
+    if e.experts is not None:
+        out["M"] = e.experts.count
+    for k in ("condition", "adaptive"):
+        if getattr(e, k) is not None:
+            out[f"F:embed.{k}"] = getattr(e, k).hidden
     if spec.patches is not None:
         out["I"] = spec.patches.channels * spec.patches.patch**2  # patch input features
     for i, layer in enumerate(spec.layers):
@@ -119,9 +130,9 @@ class _Builder:
 
     # --- building blocks ---
     def linear(self, x: fx.Node, name: str, out_ax: tuple, in_ax: tuple, bias: bool, role: str,
-               init: str = "normal") -> fx.Node:
-        w = self.param(f"{name}.weight", (out_ax, in_ax), role, init, ("out", "in"))
-        b = self.param(f"{name}.bias", (out_ax,), role, "zeros", ("out",)) if bias else None
+               init: str = "normal", out_io: str = "out") -> fx.Node:
+        w = self.param(f"{name}.weight", (out_ax, in_ax), role, init, (out_io, "in"))
+        b = self.param(f"{name}.bias", (out_ax,), role, "zeros", (out_io,)) if bias else None
         if (self.layer, role) in self.nested:  # MatFormer: the active prefix of a nested layer
             w = self.nest(w, role)
             if b is not None and role not in ("attn.o", "mlp.down"):
@@ -164,8 +175,8 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
     else:
         src = b.input("input_ids")  # (B, T)
         mask_in = b.input("attention_mask", default_value=None)  # (B, T) or None
-        tok = b.param("embed.tokens.weight", (("V",), ("D",)), "embed.tokens", "normal", ("in", "out"))
-        x = b.call(F.embedding, src, tok, role="embed.tokens")
+        cond = b.input("conditions", default_value=None) if spec.conditions else None  # (B, Cn)
+        x, table = _token_embedding(b, spec, src, cond)  # (B, T, D); the token table, if there is one
         if e.segments:
             types = b.input("token_type_ids", default_value=None)  # (B, T) or None
             table = b.param("embed.segments.weight", (("S",), ("D",)), "embed.segments", "normal", ("in", "out"))
@@ -177,6 +188,10 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
         x = b.call(operator.add, x, b.call(F.embedding, ids, pos, role="embed.positions"), role="embed.positions")
     elif e.positions.kind == "sinusoidal":
         x = b.call(operator.add, x, b.call(ops.sinusoidal, x, role="embed.positions"), role="embed.positions")
+    if e.adaptive is not None:  # FiLM from each token's own embedding
+        x = _film(b, x, x, e.adaptive, "embed.adaptive", ("D",))
+    if e.condition is not None:  # FiLM from the side input, one modulation per example
+        x = _film(b, x, cond, e.condition, "embed.condition", ("Cn",))
     if e.norm is not None:
         x = b.norm(x, e.norm, "embed.norm", "norm.embed")
     x = b.dropout(x, e.dropout, "embed.dropout", "embed.dropout")
@@ -193,6 +208,10 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
             cs = b.call(ops.rope_tables, x, k, e.positions.theta, role="rope")
             rope[k] = (b.call(operator.getitem, cs, 0, role="rope"), b.call(operator.getitem, cs, 1, role="rope"))
 
+    type_ids = None
+    if any(layer.modulate for layer in spec.layers):
+        type_ids = b.call(ops.token_types, src, spec.type_starts, role="types")  # (B, T)
+
     # --- blocks ---
     for i, layer in enumerate(spec.layers):
         b.layer = i
@@ -200,6 +219,10 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
         pre = layer.placement == "pre"
 
         h = b.norm(x, layer.norm, f"layers.{i}.attn_norm", "norm.attn") if pre else x
+        if layer.modulate:  # per token type: h ⊙ scale[type] + shift[type], on both sublayers' inputs
+            mod = (b.param(f"layers.{i}.modulate.scale", (("T",), ("D",)), "modulate", "ones", ("in", "scale")),
+                   b.param(f"layers.{i}.modulate.shift", (("T",), ("D",)), "modulate", "zeros", ("in", "out")))
+            h = b.call(ops.modulate, h, type_ids, *mod, role="modulate")
         att = _attention(b, i, a, h, bsz, seq, masks[a.mask, a.window or 0], rope.get(a.rotary))
         att = b.dropout(att, layer.dropout, f"layers.{i}.attn_dropout", "attn.dropout")
         if layer.skippable:
@@ -209,6 +232,8 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
             x = b.norm(x, layer.norm, f"layers.{i}.attn_norm", "norm.attn")
 
         h = b.norm(x, layer.norm, f"layers.{i}.mlp_norm", "norm.mlp") if pre else x
+        if layer.modulate:
+            h = b.call(ops.modulate, h, type_ids, *mod, role="modulate")
         m = _mlp(b, i, layer.mlp, h)
         m = b.dropout(m, layer.dropout, f"layers.{i}.mlp_dropout", "mlp.dropout")
         if layer.skippable:
@@ -229,8 +254,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
             if hd.transform.norm is not None:
                 x = b.norm(x, hd.transform.norm, "head.transform_norm", "norm.transform")
         if hd.tied:
-            w = b.g.get_attr("embed.tokens.weight")
-            b._tag(w, b.params["embed.tokens.weight"])
+            w = table
             bias = b.param("head.bias", (("V",),), "head.out", "zeros", ("out",)) if hd.bias else None
             x = b.call(F.linear, x, w, bias, role="head.out")  # (B, T, V)
         else:
@@ -245,6 +269,38 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
         x = b.linear(x, "head.out", ("C",), ("D",), hd.bias, "head.out")  # (B, C)
     b._tag(g.output(x), NodeInfo("output"))
     return Lowered(g, b.root, b.params)
+
+
+def _token_embedding(b: _Builder, spec: S.Spec, ids: fx.Node, cond: fx.Node | None
+                     ) -> tuple[fx.Node, fx.Node | None]:
+    """Token embeddings (B, T, D): one table, one table per token type, or mixed expert tables."""
+    e = spec.embed
+    if e.experts is not None:
+        x = e.experts
+        tables = b.param("embed.experts.weight", (("M",), ("V",), ("D",)), "embed.experts", "normal",
+                         ("in", "in", "out"))  # (M, V, D)
+        if x.gate == "token":
+            gate = b.param("embed.gate.weight", (("V",), ("M",)), "embed.gate", "zeros", ("in", "out"))
+            logits = b.call(F.embedding, ids, gate, role="embed.gate")  # (B, T, M)
+        else:
+            logits = b.linear(cond, "embed.gate", ("M",), ("Cn",), True, "embed.gate", init="zeros")  # (B, M)
+        return b.call(ops.mix_experts, ids, tables, logits, x.top, role="embed.experts"), None
+    if e.types:
+        parts = [b.param(f"embed.types.{t.name}.weight", ((f"V:{t.name}",), ("D",)), "embed.tokens", "normal",
+                         ("in", "out")) for t in e.types]
+        table = b.call(torch.cat, parts, role="embed.tokens")  # (V, D): the types' ranges in order
+    else:
+        table = b.param("embed.tokens.weight", (("V",), ("D",)), "embed.tokens", "normal", ("in", "out"))
+    return b.call(F.embedding, ids, table, role="embed.tokens"), table
+
+
+def _film(b: _Builder, x: fx.Node, src: fx.Node, film: S.Film, name: str, src_ax: tuple) -> fx.Node:
+    """x ⊙ (1 + γ) + β with γ, β = W_γ,β · gelu(W_h · src); W_γ, W_β start at zero (the identity)."""
+    hid = (f"F:{name}",)
+    h = b.call(F.gelu, b.linear(src, f"{name}.hidden", hid, src_ax, True, name), role=name)
+    gamma = b.linear(h, f"{name}.scale", ("D",), hid, True, name, init="zeros", out_io="scale")
+    beta = b.linear(h, f"{name}.shift", ("D",), hid, True, name, init="zeros")
+    return b.call(ops.film, x, gamma, beta, role=name)
 
 
 def _attention(b: _Builder, i: int, a: S.Attention, h: fx.Node, bsz: fx.Node, seq: fx.Node,

@@ -75,6 +75,41 @@ def segment_embed(token_type_ids: Tensor | None, x: Tensor, table: Tensor) -> Te
     return F.embedding(token_type_ids, table)
 
 
+def token_types(ids: Tensor, starts: tuple[int, ...]) -> Tensor:
+    """The token type of each id (B, T): the last type whose range starts at or below it."""
+    t = torch.zeros_like(ids)
+    for s in starts[1:]:
+        t = t + (ids >= s).to(ids.dtype)
+    return t
+
+
+def modulate(h: Tensor, types: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """h (B, T, D) ⊙ scale[type] + shift[type]; scale and shift are (types, D)."""
+    return h * F.embedding(types, scale) + F.embedding(types, shift)
+
+
+def film(x: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
+    """x (B, T, D) ⊙ (1 + γ) + β, with γ, β per position (B, T, D) or per example (B, D)."""
+    if gamma.dim() == 2:
+        gamma, beta = gamma[:, None], beta[:, None]
+    return x * (1 + gamma) + beta
+
+
+def mix_experts(ids: Tensor, tables: Tensor, logits: Tensor, top: int | None) -> Tensor:
+    """Σ_m w_m · tables[m][ids], w = softmax(logits) over the experts (only the `top` largest kept).
+
+    ids (B, T); tables (M, V, D); logits (B, T, M) from the token or (B, M) from the side input.
+    """
+    if logits.dim() == 2:
+        logits = logits[:, None]  # (B, 1, M)
+    if top is not None and top < tables.shape[0]:
+        kth = logits.topk(top, dim=-1).values[..., -1:]  # (…, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    w = logits.softmax(-1)  # (B, T or 1, M)
+    emb = torch.stack([F.embedding(ids, tables[m]) for m in range(tables.shape[0])], dim=-2)  # (B, T, M, D)
+    return (w[..., None] * emb).sum(-2)
+
+
 def prepend(token: Tensor, x: Tensor) -> Tensor:
     """Put a learned token (D,) in front of x (B, N, D): (B, N + 1, D)."""
     return torch.cat([token.expand(x.shape[0], 1, -1), x], dim=1)

@@ -66,6 +66,8 @@ def format_spec(spec: S.Spec) -> str:
         out.append(f"{INDENT}vocab = {spec.vocab}")
     if spec.context is not None:
         out.append(f"{INDENT}context = {spec.context}")
+    if spec.conditions is not None:
+        out.append(f"{INDENT}conditions = {spec.conditions}")
     out.append(f"{INDENT}width = {spec.width}")
     out.append(f"{INDENT}init = normal(std = {_lit(spec.init.std)})")
     e = spec.embed
@@ -73,13 +75,25 @@ def format_spec(spec: S.Spec) -> str:
           ("norm", _lit(e.norm))]
     if e.segments:
         ef.append(("segments", str(e.segments)))
-    out += _block("embed", ef, 1)
+    if e.experts is not None:
+        x = e.experts
+        ef.append(("experts", f"moe(count = {x.count}, gate = {x.gate}" + (f", top = {x.top})" if x.top else ")")))
+    for k in ("condition", "adaptive"):
+        if getattr(e, k) is not None:
+            ef.append((k, f"film(hidden = {getattr(e, k).hidden})"))
+    if e.types:
+        out += [f"{INDENT}embed {{", *(f"{INDENT * 2}{k} = {v}" for k, v in ef)]
+        out += _block("types", [(t.name, str(t.size)) for t in e.types], 2)
+        out.append(f"{INDENT}}}")
+    else:
+        out += _block("embed", ef, 1)
     ls = spec.layers
     out.append(f"{INDENT}layers {len(ls)} {{")
     for k in ("norm", "placement", "dropout"):
         out.append(f"{INDENT * 2}{k} = {_per_layer([getattr(layer, k) for layer in ls])}")
-    if any(layer.skippable for layer in ls):
-        out.append(f"{INDENT * 2}skippable = {_per_layer([layer.skippable for layer in ls])}")
+    for k in ("skippable", "modulate"):
+        if any(getattr(layer, k) for layer in ls):
+            out.append(f"{INDENT * 2}{k} = {_per_layer([getattr(layer, k) for layer in ls])}")
     att = [layer.attention for layer in ls]
     keys = ["heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout"]
     if any(a.rotary_dim not in (None, a.head_dim) for a in att):

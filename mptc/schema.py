@@ -255,10 +255,10 @@ def layer_span(spans: dict, path: str, layer: int, fallback: Span) -> Span:
 
 # --- the model ---------------------------------------------------------------------------
 
-MODEL_FIELDS = ("vocab", "context", "width", "init")
+MODEL_FIELDS = ("vocab", "context", "width", "init", "conditions")
 MODEL_BLOCKS = ("embed", "layers", "head")
-EMBED_FIELDS = ("input", "positions", "dropout", "norm", "segments")
-LAYER_FIELDS = ("norm", "placement", "dropout", "skippable")
+EMBED_FIELDS = ("input", "positions", "dropout", "norm", "segments", "experts", "condition", "adaptive")
+LAYER_FIELDS = ("norm", "placement", "dropout", "skippable", "modulate")
 ATTN_FIELDS = ("heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout", "rotary_dim",
                "window", "nested")
 MLP_FIELDS = ("hidden", "activation", "bias", "nested")
@@ -283,6 +283,7 @@ def to_spec(file: ast.File) -> S.Spec:
     vocab = f.take("vocab", lambda v: as_int(v, "vocab"))
     context = f.take("context", lambda v: as_int(v, "context"))
     init = f.take("init", as_init, S.Init())
+    conditions = f.take("conditions", lambda v: as_int(v, "conditions"))
     embed = _embed(f.blocks.get("embed"), env, spans)
     if "layers" not in f.blocks:
         raise SpecError(f"model '{name}' has no `layers N {{ … }}` block", m.span)
@@ -291,7 +292,8 @@ def to_spec(file: ast.File) -> S.Spec:
         raise SpecError(f"model '{name}' has no `head … {{ … }}` block", m.span, "write `head lm { … }`, "
                         "`head classify { classes = … }` or `head none { }`")
     head = _head(f.blocks["head"], env, spans)
-    spec = S.Spec(name, width, tuple(layers), head, vocab, context, embed, init, spans)
+    spec = S.Spec(name, width, tuple(layers), head, vocab=vocab, context=context, conditions=conditions,
+                  embed=embed, init=init, spans=spans)
     _check(spec, m, spans)
     return spec
 
@@ -301,17 +303,61 @@ def _embed(b: ast.Block | None, env: dict, spans: dict) -> S.Embed:
         return S.Embed()
     if b.arg is not None:
         raise SpecError("`embed` takes no argument", b.arg.span)
-    f = Fields(b, env, "embed", EMBED_FIELDS)
+    f = Fields(b, env, "embed", EMBED_FIELDS, ("types",))
     for k in EMBED_FIELDS:
         if f.get(k) is not None:
             spans[f"embed.{k}"] = f.get(k)
+    if "types" in f.blocks:
+        spans["embed.types"] = f.blocks["types"]
     return S.Embed(
         input=f.take("input", as_input, "tokens"),
         positions=f.take("positions", as_positions, S.Positions()),
         dropout=f.take("dropout", lambda v: as_prob(v, "dropout"), 0.0),
         norm=f.take("norm", lambda v: as_norm(v, "norm", allow_none=True)),
         segments=f.take("segments", lambda v: as_int(v, "segments", lo=0), 0),
+        types=_types(f.blocks["types"], env) if "types" in f.blocks else (),
+        experts=f.take("experts", as_experts),
+        condition=f.take("condition", lambda v: as_film(v, "condition")),
+        adaptive=f.take("adaptive", lambda v: as_film(v, "adaptive")),
     )
+
+
+def _types(b: ast.Block, env: dict) -> tuple[S.TokenType, ...]:
+    """`types { text = 256, image = 1024 }`: named, consecutive id ranges with their sizes."""
+    _no_arg(b)
+    out, seen = [], set()
+    for e in b.body:
+        if isinstance(e, ast.Block):
+            raise SpecError(f"'{e.name}' in types must be a size", e.span, f"write `{e.name} = 256`")
+        if e.name in seen:
+            raise SpecError(f"token type '{e.name}' is declared twice", e.span)
+        seen.add(e.name)
+        out.append(S.TokenType(e.name, as_int(evaluate(e.value, env), f"the size of token type '{e.name}'")))
+    if not out:
+        raise SpecError("types needs at least one `name = size`", b.span)
+    return tuple(out)
+
+
+def as_film(v: V, what: str) -> S.Film | None:
+    if _is_none(v):
+        return None
+    if isinstance(v.value, CallValue) and v.value.name == "film":
+        return S.Film(**call_args(v, what, {"hidden": lambda a: as_int(a, "hidden")}, required=("hidden",)))
+    raise SpecError(f"{what} must be film(hidden = …) or none, got {v.kind}", v.span,
+                    f"write {what} = film(hidden = 32)")
+
+
+def as_experts(v: V) -> S.Experts | None:
+    if _is_none(v):
+        return None
+    if isinstance(v.value, CallValue) and v.value.name == "moe":
+        return S.Experts(**call_args(v, "experts", {
+            "count": lambda a: as_int(a, "count", lo=2),
+            "gate": lambda a: as_choice(a, "gate", ("token", "condition")),
+            "top": lambda a: as_int(a, "top"),
+        }, required=("count",)))
+    raise SpecError(f"experts must be moe(count = …, gate = token | condition, top = k) or none, got {v.kind}",
+                    v.span, "write experts = moe(count = 4, gate = token, top = 2)")
 
 
 def as_fractions(v: V) -> tuple[float, ...] | None:
@@ -369,6 +415,7 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
     placement = pl.take("placement", lambda v: as_choice(v, "placement", S.PLACEMENTS), "pre")
     dropout = pl.take("dropout", lambda v: as_prob(v, "dropout"), 0.0)
     skippable = pl.take("skippable", lambda v: as_bool(v, "skippable"), False)
+    modulate = pl.take("modulate", lambda v: as_bool(v, "modulate"), False)
 
     ab = lf.blocks.get("attention")
     if ab is None:
@@ -434,6 +481,7 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
             placement=placement[i],
             dropout=dropout[i],
             skippable=skippable[i],
+            modulate=modulate[i],
         )
         for i in range(n)
     ]
@@ -512,9 +560,45 @@ def _check(spec: S.Spec, m: ast.Block, spans: dict) -> None:
                     layer_span(spans, f"layers.attention.{field}", i, pspan.span if pspan else m.span),
                     "rotary embeddings rotate pairs of dimensions",
                 )
+    _check_mpt(spec, m, spans)
     if spec.embed.segments and spec.patches is not None:
         raise SpecError("segments (token_type_ids) need token input", spans["embed.segments"].span)
 
+
+
+def _check_mpt(spec: S.Spec, m: ast.Block, spans: dict) -> None:
+    """Checks of the multi-parameter features: types, experts, conditions."""
+    e = spec.embed
+    if e.types:
+        blk = spans["embed.types"]
+        total = sum(t.size for t in e.types)
+        if spec.patches is not None:
+            raise SpecError("token types need token input", blk.span)
+        if total != spec.vocab:
+            raise SpecError(f"the token types cover {total} ids but vocab = {spec.vocab}", blk.span,
+                            "the types' sizes must add up to the vocabulary (ids are split in their order)")
+        if e.experts is not None:
+            raise SpecError("token types and expert embeddings are alternatives", spans["embed.experts"].span,
+                            "use one of them")
+    if any(ly.modulate for ly in spec.layers) and not e.types:
+        raise SpecError("modulate needs token types", spans["layers.modulate"].span,
+                        "declare them: embed { types { text = …, image = … } }")
+    needs = [(k, spans[f"embed.{k}"]) for k in ("condition",) if getattr(e, k) is not None]
+    if e.experts is not None and e.experts.gate == "condition":
+        needs.append(("experts", spans["embed.experts"]))
+    if needs and spec.conditions is None:
+        k, v = needs[0]
+        raise SpecError(f"{k} reads the side input, but the model declares no `conditions = …`", v.span,
+                        "add `conditions = N` (the size of the `conditions` input vector) to the model")
+    if e.experts is not None:
+        v = spans["embed.experts"]
+        if spec.patches is not None:
+            raise SpecError("expert embeddings need token input", v.span)
+        if e.experts.top is not None and e.experts.top > e.experts.count:
+            raise SpecError(f"top = {e.experts.top} exceeds count = {e.experts.count}", v.span)
+        if spec.head.tied:
+            raise SpecError("a tied head needs a single token table, and expert embeddings have several",
+                            spans["head.tied"].span, "set tied = false")
 
 
 def parse(text: str, name: str = "<spec>") -> S.Spec:

@@ -48,12 +48,42 @@ class Patches:
 
 
 @dataclass(frozen=True)
+class TokenType:
+    """A named range of token ids with its own embedding matrix (ranges are consecutive from 0)."""
+
+    name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Film:
+    """A small network (D_in → hidden → D, GELU) giving a per-position scale γ and shift β of the
+    embeddings: e ← e ⊙ (1 + γ) + β. Its output layers start at zero, so it starts as the identity."""
+
+    hidden: int
+
+
+@dataclass(frozen=True)
+class Experts:
+    """Mixture-of-experts embeddings: `count` token tables mixed by softmax gate weights read from the
+    token (`gate = token`) or the side input (`gate = condition`); `top` keeps the k largest."""
+
+    count: int
+    gate: str = "token"  # token | condition
+    top: int | None = None
+
+
+@dataclass(frozen=True)
 class Embed:
     input: str | Patches = "tokens"
     positions: Positions = Positions()
     dropout: float = 0.0
     norm: Norm | None = None
     segments: int = 0  # token-type (segment) embeddings read from `token_type_ids` (BERT: 2); 0 = none
+    types: tuple[TokenType, ...] = ()  # the vocabulary split into named types, one embedding matrix each
+    experts: Experts | None = None  # mixture-of-experts token embeddings
+    condition: Film | None = None  # modulation computed from the side input `conditions` (per example)
+    adaptive: Film | None = None  # modulation computed from each token's own embedding (FiLM)
 
 
 @dataclass(frozen=True)
@@ -96,6 +126,7 @@ class Layer:
     placement: str = "pre"  # pre | post
     dropout: float = 0.0  # on each residual branch
     skippable: bool = False  # MatFormer / Mix'n'Match: a sub-network may skip this layer
+    modulate: bool = False  # a learned scale and shift per token type of both sublayers' inputs
 
 
 @dataclass(frozen=True)
@@ -133,7 +164,17 @@ class Spec:
     context: int | None = None
     embed: Embed = Embed()
     init: Init = Init()
+    conditions: int | None = None  # size of the side input vector `conditions` (B, conditions)
     spans: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    @property
+    def type_starts(self) -> tuple[int, ...]:
+        """First token id of each token type."""
+        out, start = [], 0
+        for t in self.embed.types:
+            out.append(start)
+            start += t.size
+        return tuple(out)
 
     @property
     def nested(self) -> bool:
@@ -161,7 +202,8 @@ class Spec:
         """Names of the forward inputs, as in Hugging Face and the ONNX file."""
         if self.patches is not None:
             return ("pixel_values",)
-        return ("input_ids", "attention_mask") + (("token_type_ids",) if self.embed.segments else ())
+        extra = ("token_type_ids",) if self.embed.segments else ()
+        return ("input_ids", "attention_mask") + extra + (("conditions",) if self.conditions else ())
 
     @property
     def output(self) -> str:
