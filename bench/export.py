@@ -14,14 +14,16 @@ from .config import Ctx
 from .harness import close_all, interleave, ratio, start_all
 
 
-def setup_mptc_export(mptc_dir: str, family: str, out: str, scratch: str):
+def setup_mptc_export(mptc_dir: str, family: str, out: str, scratch: str, warm: bool = True):
     import onnx
 
     import mptc
 
     from .models import spec_text
 
-    mptc.export_onnx(mptc.build(mptc.parse(spec_text(family, toy=True)), seed=0), os.path.join(scratch, "warm.onnx"))
+    if warm:
+        toy = mptc.build(mptc.parse(spec_text(family, toy=True)), seed=0)
+        mptc.export_onnx(toy, os.path.join(scratch, "warm.onnx"))
     model = mptc.load_model(mptc_dir).eval()
 
     def op():
@@ -59,16 +61,17 @@ def hf_export(model, path: str, context: int) -> None:
     prog.save(path)
 
 
-def setup_hf_export(hf_dir: str, family: str, out: str, scratch: str):
+def setup_hf_export(hf_dir: str, family: str, out: str, scratch: str, warm: bool = True):
     import transformers as T
 
     import mptc
 
     from .models import hf_config, load_hf, spec_text
 
-    toy = mptc.parse(spec_text(family, toy=True))
-    hf_export(T.AutoModelForCausalLM.from_config(hf_config(toy)).eval(), os.path.join(scratch, "warm-hf.onnx"),
-              toy.context)
+    if warm:
+        toy = mptc.parse(spec_text(family, toy=True))
+        hf_export(T.AutoModelForCausalLM.from_config(hf_config(toy)).eval(), os.path.join(scratch, "warm-hf.onnx"),
+                  toy.context)
     model = load_hf(hf_dir, "sdpa")  # the default attention of both families
 
     def op():
@@ -81,15 +84,17 @@ def setup_hf_export(hf_dir: str, family: str, out: str, scratch: str):
 
 def run(ctx: Ctx) -> dict:
     rows = []
-    for fam, prep in ctx.models.items():
+    for fam in ctx.mode.families:
+        prep = ctx.models[fam]
         scratch = ctx.root / f"export-{fam}"
         scratch.mkdir(exist_ok=True)
         path = str(ctx.root / f"{fam}-mptc.onnx")
         workers = {
             "mptc": ctx.worker(f"{fam}/export-mptc", "bench.export:setup_mptc_export", mptc_dir=prep.mptc_dir,
-                               family=fam, out=path, scratch=str(scratch)),
+                               family=fam, out=path, scratch=str(scratch), warm=ctx.mode.warm_export),
             "hf": ctx.worker(f"{fam}/export-hf", "bench.export:setup_hf_export", hf_dir=prep.hf_dir, family=fam,
-                             out=str(ctx.root / f"{fam}-hf.onnx"), scratch=str(scratch)),
+                             out=str(ctx.root / f"{fam}-hf.onnx"), scratch=str(scratch),
+                             warm=ctx.mode.warm_export),
         }
         ctx.say(f"  {prep.title}: ONNX export")
         start_all(list(workers.values()))

@@ -53,7 +53,7 @@ def run(ctx: Ctx) -> dict:
 
     rows = []
     for fam, prep in ctx.models.items():
-        cs = calls(mptc.parse(prep.spec_text), fam)
+        cs = calls(mptc.parse(prep.spec_text), fam)[: ctx.mode.pass_limit]
         scratch = ctx.root / f"passes-{fam}"
         scratch.mkdir(exist_ok=True)
         w = ctx.worker(f"{fam}/passes", "bench.growth:setup_passes", mptc_dir=prep.mptc_dir, calls=cs,

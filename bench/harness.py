@@ -71,9 +71,10 @@ def _ru_maxrss() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
-def measure(op: Op) -> dict:
+def measure(op: Op, collect: bool = True) -> dict:
     """Run `op` once: seconds, peak memory above the resident set before it, and the process peak."""
-    gc.collect()
+    if collect:  # free garbage first, so that the resident set before the op is what the op starts from
+        gc.collect()
     _trim()
     exact = _reset_peak()
     before, ru0 = _status(), _ru_maxrss()
@@ -97,7 +98,11 @@ def _resolve(path: str) -> Callable:
     return getattr(importlib.import_module(mod), name)
 
 
-def _serve(conn, setup: str, kwargs: dict, log: str | None) -> None:
+def _serve(conn, setup: str, kwargs: dict, log: str | None, threads: int | None = None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     if log:  # exporters and libraries print to the terminal; keep their chatter in a log file
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 1)
@@ -131,8 +136,10 @@ class Worker:
     """A setup function (`"module:function"`, returning `(ops, info)`) running in its own process,
     or in this one with `inproc=True` (toy runs and tests)."""
 
-    def __init__(self, name: str, setup: str, inproc: bool = False, log: str | None = None, **kwargs):
+    def __init__(self, name: str, setup: str, inproc: bool = False, log: str | None = None, threads: int | None = None,
+                 **kwargs):
         self.name, self.setup, self.kwargs, self.inproc, self.log = name, setup, kwargs, inproc, log
+        self.threads = threads
         self.info: dict = {}
         self.error: str | None = None
         self._ops: dict[str, Op] | None = None
@@ -149,7 +156,7 @@ class Worker:
             return self
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, self.setup, self.kwargs, self.log), daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(child, self.setup, self.kwargs, self.log, self.threads), daemon=True)
         self._proc.start()
         child.close()
         return self
@@ -180,7 +187,7 @@ class Worker:
         if self.error:
             raise WorkerError(self.error)
         if self.inproc:
-            return measure(self._ops[op])
+            return measure(self._ops[op], collect=False)
         self._conn.send(op)
         try:
             kind, payload = self._conn.recv()

@@ -108,7 +108,8 @@ def run(ctx: Ctx) -> dict:
     out = {"rows": [], "matmul": {}}
     peak = ctx.worker("matmul", "bench.inference:setup_matmul", n=mode.matmul_n).start().wait()
     peak_runs = []
-    for fam, prep in ctx.models.items():
+    for fam in mode.families:
+        prep = ctx.models[fam]
         spec = mptc.parse(prep.spec_text)
         onnx_path = ctx.onnx.get(fam) or str(ctx.root / f"{fam}-mptc.onnx")
         common = {"shapes": shapes, "vocab": spec.vocab}

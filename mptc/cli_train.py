@@ -3,9 +3,195 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
-COMMANDS: dict = {}
+from .errors import MptcError
+
+TRAIN_OPTIONS = {  # flag → (TrainConfig field, type, help)
+    "--steps": ("steps", int, "optimizer steps; the warmup + cosine schedule spans them (default 1000)"),
+    "--batch": ("batch", int, "sequences per step (default 16)"),
+    "--seq": ("seq", int, "tokens per sequence (default: the model's context)"),
+    "--lr": ("lr", float, "peak learning rate (default 3e-3)"),
+    "--min-lr": ("min_lr", float, "final learning rate as a fraction of --lr (default 0.1)"),
+    "--warmup": ("warmup", int, "linear warmup steps (default 100)"),
+    "--weight-decay": ("weight_decay", float, "AdamW weight decay on matrices (default 0.1)"),
+    "--clip": ("clip", float, "max gradient norm, 0 = off (default 1.0)"),
+    "--eval-every": ("eval_every", int, "held-out evaluation every N steps (default 100)"),
+    "--eval-batches": ("eval_batches", int, "held-out batches per evaluation (default 8)"),
+    "--held-out": ("held_out", float, "the last fraction of the token stream kept for evaluation (default 0.05)"),
+    "--seed": ("seed", int, "weight init (spec SRC), batch sampling and dropout seed (default 0)"),
+    "--save-every": ("save_every", int, "checkpoint every N steps (default: at every evaluation)"),
+    "--stop-at": ("stop_at", int, "stop after this step and checkpoint; the schedule still spans --steps"),
+}
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands to the `mptc` parser."""
+    c = sub.add_parser("train", help="train a language model on byte-level text (MatFormer-aware)",
+                       description="Train SRC (a spec or a model dir) on the bytes of --data files: AdamW, warmup + "
+                       "cosine decay, gradient clipping, held-out evaluation, checkpoints in OUT_DIR (model dir + "
+                       "trainer.pt + log.json). Nested models train every granularity (s, m, l, xl): their losses "
+                       "are summed each step (--nested sum, as in MatFormer) or one is sampled per step (--nested "
+                       "sample). --resume DIR goes on from a checkpoint with the same losses as an uninterrupted run.")
+    c.add_argument("spec", metavar="SRC", nargs="?", help="spec file or model dir (optional with --resume)")
+    c.add_argument("--data", nargs="+", metavar="FILE", help="text files or directories, or `stdlib` (the Python "
+                   "standard library's source); optional with --resume (the checkpoint's data)")
+    for flag, (_, typ, text) in TRAIN_OPTIONS.items():
+        c.add_argument(flag, type=typ, help=text)
+    c.add_argument("--nested", choices=("sum", "sample"), help="MatFormer loss: sum over granularities each step "
+                   "(default) or one sampled granularity per step")
+    c.add_argument("--resume", metavar="DIR", help="go on from this checkpoint (an earlier OUT_DIR)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar (evaluation lines only)")
+    c.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
+
+    c = sub.add_parser("search", help="Mix'n'Match: per-layer MLP granularities under a size budget",
+                       description="Pick per-layer MLP granularities of a nested model under a parameter or FLOP "
+                       "budget: MatFormer's heuristic (the largest configuration whose granularity never decreases "
+                       "with depth) and, with --data, a measured search on held-out loss that keeps the Pareto front "
+                       "of size vs loss.")
+    c.add_argument("spec", metavar="SRC", help="a trained nested model dir (or a spec: random weights)")
+    c.add_argument("--budget", required=True, metavar="params=N|flops=N",
+                   help="e.g. params=600K or flops=1.2M (forward FLOPs per token)")
+    c.add_argument("--data", nargs="+", metavar="FILE", help="text for the held-out evaluation, or `stdlib` "
+                   "(default: the data SRC was trained on, when it is an `mptc train` checkpoint)")
+    c.add_argument("--family", choices=("monotone", "all"), default="monotone",
+                   help="candidates: non-decreasing granularities with depth (default) or every configuration")
+    c.add_argument("--eval-batches", type=int, default=4, help="held-out batches per candidate (default 4)")
+    c.add_argument("--batch", type=int, default=16, help="sequences per batch (default 16)")
+    c.add_argument("--seq", type=int, help="tokens per sequence (default: the model's context)")
+    c.add_argument("--held-out", type=float, help="held-out fraction at the end of the data (default: the "
+                   "checkpoint's, else 0.05)")
+    c.add_argument("--plot", metavar="OUT.png", help="write the loss-vs-size plot")
+    c.add_argument("--json", metavar="OUT.json", help="write the candidates, front and picks as JSON")
+    c.add_argument("--seed", type=int, default=0, help="weight seed for a spec SRC (default 0)")
+
+
+def _tokens(data: list[str], console=None):
+    from .data import read_bytes, resolve_sources
+
+    files = resolve_sources(data)
+    tokens = read_bytes(files)
+    if console is not None:
+        console.print(f"data: {len(files)} files, {tokens.numel():,} bytes")
+    return tokens
+
+
+def cmd_train(args) -> int:
+    from rich.console import Console
+
+    from . import train as T
+    from .model import load, load_model
+    from .summary import human
+
+    console = Console(stderr=False, highlight=False)
+    given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in TRAIN_OPTIONS.items()}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.nested is not None:
+        given["nested"] = args.nested
+    if args.resume:
+        state = _checkpoint_log(args.resume)
+        data = args.data or state.get("data")
+        if not data:
+            raise MptcError("the checkpoint does not record its data", hint="pass --data FILES…")
+        if args.spec and load(args.spec) != load(args.resume):
+            raise MptcError(f"{args.spec} is not the model saved in {args.resume}",
+                            hint="leave SRC out to resume the checkpoint's model")
+        tokens = _tokens(data, console)
+        trainer = T.Trainer.resume(args.resume, tokens, **given)
+        if trainer.log.get("data_tokens") != tokens.numel():
+            console.print(f"[yellow]warning: the checkpoint was trained on {trainer.log.get('data_tokens'):,} bytes, "
+                          f"--data has {tokens.numel():,}: the split differs[/]")
+        console.print(f"resuming {trainer.spec.name} at step {trainer.step} from {args.resume}")
+    else:
+        if not args.spec:
+            raise MptcError("say what to train", hint="mptc train SRC --data FILES… -o OUT_DIR (or --resume DIR)")
+        if not args.data:
+            raise MptcError("no training data given", hint="pass --data FILES…, or --data stdlib for the Python "
+                            "standard library's source (byte-level text every machine has)")
+        data = args.data
+        model = load_model(args.spec, seed=given.get("seed", 0))
+        T.check_model(model.meta["mptc.spec"])
+        tokens = _tokens(args.data, console)
+        trainer = T.Trainer(model, tokens, T.TrainConfig(**given))
+    trainer.log["data"] = list(data)
+    spec, c = trainer.spec, trainer.config
+    grans = ", ".join(trainer.grans)
+    console.print(f"{spec.name}: {human(sum(p.numel() for p in trainer.params))} parameters; granularities {grans}"
+                  f"{f' ({c.nested})' if len(trainer.grans) > 1 else ''}; {trainer.train_tokens.numel():,} train / "
+                  f"{trainer.val_tokens.numel():,} held-out bytes; batch {c.batch} × {trainer.seq}")
+    trainer.run(args.output, progress=not args.no_progress, console=console)
+    last = trainer.log["eval"][-1]
+    console.print(f"step {trainer.step}: held-out loss " + ", ".join(f"{n} {v:.4f}" for n, v in last["losses"].items()))
+    console.print(f"wrote {args.output}")
+    return 0
+
+
+def _checkpoint_log(path: str) -> dict:
+    p = Path(path) / "log.json"
+    if not p.is_file():
+        raise MptcError(f"{path} is not a training checkpoint (no log.json)",
+                        hint="resume from the -o dir of an earlier `mptc train`")
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise MptcError(f"cannot read {p}: {e}") from None
+
+
+def cmd_search(args) -> int:
+    from rich.console import Console
+
+    from . import search as M
+    from .data import split_tokens
+    from .model import load_model
+    from .summary import human
+    from .train import check_model, eval_batches
+
+    console = Console(highlight=False)
+    budget = M.parse_budget(args.budget)
+    if args.eval_batches < 1 or args.batch < 1:
+        raise MptcError("--eval-batches and --batch must be at least 1")
+    model = load_model(args.spec, seed=args.seed).eval()
+    spec = model.meta["mptc.spec"]
+    trained = Path(args.spec).is_dir() and (Path(args.spec) / "log.json").is_file()
+    log = _checkpoint_log(args.spec) if trained else {}
+    data = args.data or log.get("data")
+    batches = None
+    if data:
+        check_model(spec)
+        seq = args.seq or spec.seq_len or 128
+        held_out = args.held_out or log.get("config", {}).get("held_out", 0.05)
+        _, val = split_tokens(_tokens(data, console), held_out)
+        batches = eval_batches(val, args.eval_batches, args.batch, seq)
+    elif args.plot:
+        raise MptcError("--plot needs held-out losses", hint="pass --data FILES… (or search a trained checkpoint)")
+    if not Path(args.spec).is_dir():
+        console.print("[yellow]note: SRC is a spec, so its weights are random; search a trained model dir[/]")
+
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as p:
+        task = p.add_task("evaluating candidates", total=None)
+        result = M.search(model, budget, batches, args.family, progress=lambda i, n: p.update(task, completed=i,
+                                                                                             total=n))
+    console.print(M.table(result))
+    h = result.heuristic
+    console.print(f"heuristic pick (largest slowly increasing mix under {budget}): {h.mix}  {human(h.params)} params, "
+                  f"{human(h.flops)} FLOPs/token" + (f", loss {h.loss:.4f}" if h.loss is not None else ""))
+    if result.best is not None:
+        b = result.best
+        console.print(f"best measured: {b.mix}  {human(b.params)} params, {human(b.flops)} FLOPs/token, "
+                      f"loss {b.loss:.4f}")
+        console.print(f"extract it: mptc extract {args.spec} --mix \"{b.mix}\" -o OUT")
+    else:
+        console.print("(no --data: heuristic only; pass --data FILES… for the measured front)")
+    if args.json:
+        M.write_json(result, args.json)
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        M.plot(result, args.plot, title=f"{spec.name}: Mix'n'Match under {budget}")
+        console.print(f"wrote {args.plot}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "search": cmd_search}

@@ -191,12 +191,13 @@ class Trainer:
     @classmethod
     def resume(cls, path: str | Path, tokens: Tensor, **overrides) -> Trainer:
         """The trainer saved in checkpoint dir `path`, ready to go on; `overrides` change config fields
-        (e.g. steps=…, stop_at=None)."""
+        (e.g. steps=… to train longer). The interrupted run's `stop_at` is dropped unless given again."""
         path = Path(path)
         if not (path / TRAINER_FILE).is_file():
             raise MptcError(f"{path} is not a training checkpoint (no {TRAINER_FILE})",
                             hint="resume from the -o dir of an earlier `mptc train`")
         state = torch.load(path / TRAINER_FILE, weights_only=True)
+        overrides.setdefault("stop_at", None)
         known = {f.name for f in fields(TrainConfig)}
         bad = set(overrides) - known
         if bad:
@@ -252,7 +253,8 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Held-out loss of every granularity at the current step; appended to the log."""
-        entry = {"step": self.step, "losses": {n: evaluate(self.model, self.eval_x, ch) for n, ch in self.grans.items()}}
+        losses = {n: evaluate(self.model, self.eval_x, ch) for n, ch in self.grans.items()}
+        entry = {"step": self.step, "losses": losses}
         self.log["eval"].append(entry)
         return entry
 

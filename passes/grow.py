@@ -316,6 +316,11 @@ class GrowVocab(Pass):
         spec = spec_of(model)
         if spec.vocab is None:
             raise PassError("grow_vocab needs a model that reads tokens")
+        if spec.embed.types:
+            names = ", ".join(t.name for t in spec.embed.types)
+            raise PassError(f"grow_vocab: the vocabulary is split into token types ({names}); which type new ids "
+                            "join is a choice the pass cannot make", hint="grow a type's range in the spec and "
+                            "initialise its new rows yourself")
         _not_smaller(self.name, "vocabulary", spec.vocab, self.vocab)
 
     def change(self, model):
