@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="weight initialisation seed for a spec file (default 0)")
     c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     c.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    c.add_argument("--task", metavar="NAME|all", help="compile the sub-network of a task named in the spec's "
+                   "`tasks` (cut out physically); `all`: one .onnx/.pt2 file per task, named OUT.TASK.onnx")
 
     c = sub.add_parser("grow", help="apply verified growth passes",
                        description="Apply a pipeline of passes to SRC and write OUT_DIR (model.mpt, "
@@ -159,6 +161,7 @@ def _choice_args(c: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--mix", metavar='"s,s,m,l,…"', help="Mix'n'Match: one MLP granularity per layer")
     g.add_argument("--heads", metavar="G", help="one granularity for every nested attention")
     g.add_argument("--drop-layers", metavar="3,7", help="skip these (skippable) layers")
+    g.add_argument("--task", metavar="NAME", help="a sub-network named in the spec's `tasks`")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,15 +252,41 @@ def cmd_compile(args) -> int:
     from .model import load_model, save
 
     model = load_model(args.spec, seed=args.seed, dtype=args.dtype)
-    out = args.output
-    if out.endswith(".onnx"):
-        export_onnx(model, out, opset=args.opset)
-    elif out.endswith(".pt2"):
-        export_pt2(model, out)
+    if args.task is None:
+        targets = [(args.output, model)]
     else:
-        save(model, out)
-    print(f"wrote {out}")
+        from .model import spec_of
+
+        spec = spec_of(model)
+        names = [t.name for t in spec.tasks] if args.task == "all" else [args.task]
+        if args.task == "all":
+            if not spec.tasks:
+                raise MptcError(f"model '{spec.name}' declares no tasks")
+            if not args.output.endswith((".onnx", ".pt2")):
+                raise MptcError("--task all writes one file per task: OUT must end in .onnx or .pt2")
+        stem, dot, suffix = args.output.rpartition(".")
+        targets = [(f"{stem}.{n}.{suffix}" if args.task == "all" else args.output, _task_model(model, n))
+                   for n in names]
+    for out, m in targets:
+        if out.endswith(".onnx"):
+            export_onnx(m, out, opset=args.opset)
+        elif out.endswith(".pt2"):
+            export_pt2(m, out)
+        else:
+            save(m, out)
+        print(f"wrote {out}")
     return 0
+
+
+def _task_model(model, name: str):
+    """The task's sub-network as its own (verified) model; the model itself for a whole-model task."""
+    from .model import spec_of
+    from .nested import task_choice
+    from .passes import Extract, Pipeline
+
+    if task_choice(spec_of(model), name).is_full:
+        return model
+    return Pipeline([Extract(task=name)])(model)[0]
 
 
 def _inputs(args, spec) -> dict[str, np.ndarray]:
@@ -331,7 +360,8 @@ def cmd_run(args) -> int:
         if _choice_given(args):
             from .nested import granularity
 
-            ctx = granularity(model, args.mix, mlp=args.mlp, heads=args.heads, skip=args.drop_layers or ())
+            ctx = granularity(model, args.mix, mlp=args.mlp, heads=args.heads, skip=args.drop_layers or (),
+                              task=args.task)
         with torch.no_grad(), ctx:
             torch_out = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
     out = torch_out
@@ -396,7 +426,7 @@ def cmd_verify(args) -> int:
 
 
 def _choice_given(args) -> bool:
-    return any(getattr(args, k, None) for k in ("mlp", "mix", "heads", "drop_layers"))
+    return any(getattr(args, k, None) for k in ("mlp", "mix", "heads", "drop_layers", "task"))
 
 
 def cmd_extract(args) -> int:
@@ -408,7 +438,7 @@ def cmd_extract(args) -> int:
     if not _choice_given(args):
         raise MptcError("say what to extract", hint="--mlp s, --mix \"s,s,m,l\", --heads m or --drop-layers 3,7")
     model = load_model(args.spec, seed=args.seed)
-    p = Extract(mlp=args.mlp, mix=args.mix, heads=args.heads, drop_layers=_ints(args.drop_layers))
+    p = Extract(mlp=args.mlp, mix=args.mix, heads=args.heads, drop_layers=_ints(args.drop_layers), task=args.task)
     sub, report = Pipeline([p])(model)
     r = report.passes[0]
     print(f"{r.call}: {human(r.params_before)} → {human(r.params_after)} params, equals the parent at that "

@@ -43,6 +43,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "(default) or one sampled granularity per step")
     c.add_argument("--resume", metavar="DIR", help="go on from this checkpoint (an earlier OUT_DIR)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar (evaluation lines only)")
+    _threads_arg(c)
     c.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
 
     c = sub.add_parser("search", help="Mix'n'Match: per-layer MLP granularities under a size budget",
@@ -65,6 +66,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--plot", metavar="OUT.png", help="write the loss-vs-size plot")
     c.add_argument("--json", metavar="OUT.json", help="write the candidates, front and picks as JSON")
     c.add_argument("--seed", type=int, default=0, help="weight seed for a spec SRC (default 0)")
+    _threads_arg(c)
+
+
+def _threads_arg(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice; 1 is often "
+                   "faster for small models on a busy machine; resume with the same count for identical losses)")
+
+
+def _set_threads(n: int | None) -> None:
+    if n is not None:
+        if n < 1:
+            raise MptcError(f"--threads must be at least 1, got {n}")
+        import torch
+
+        torch.set_num_threads(n)
 
 
 def _tokens(data: list[str], console=None):
@@ -84,6 +100,7 @@ def cmd_train(args) -> int:
     from .model import load, load_model
     from .summary import human
 
+    _set_threads(args.threads)
     console = Console(stderr=False, highlight=False)
     given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in TRAIN_OPTIONS.items()}
     given = {k: v for k, v in given.items() if v is not None}
@@ -147,6 +164,7 @@ def cmd_search(args) -> int:
     from .summary import human
     from .train import check_model, eval_batches
 
+    _set_threads(args.threads)
     console = Console(highlight=False)
     budget = M.parse_budget(args.budget)
     if args.eval_batches < 1 or args.batch < 1:

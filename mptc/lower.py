@@ -66,6 +66,9 @@ def sizes(spec: S.Spec) -> dict[str, int]:
     for k in ("condition", "adaptive"):
         if getattr(e, k) is not None:
             out[f"F:embed.{k}"] = getattr(e, k).hidden
+    for i, ly in enumerate(spec.layers):
+        if ly.hyper is not None:
+            out[f"F:hyper[{i}]"], out[f"R[{i}]"] = ly.hyper.hidden, ly.hyper.rank
     if spec.patches is not None:
         out["I"] = spec.patches.channels * spec.patches.patch**2  # patch input features
     for i, layer in enumerate(spec.layers):
@@ -84,6 +87,7 @@ class _Builder:
         self.params: dict[str, NodeInfo] = {}
         self.layer: int | None = None
         self.nested: set[tuple[int, str]] = set()  # (layer, role) of weights sliced by the Nest module
+        self.conditions: fx.Node | None = None  # the side input, for hypernetworks
         if spec.nested:
             self.root.add_module("nest", Nest(spec))
             for i, ly in enumerate(spec.layers):
@@ -137,7 +141,24 @@ class _Builder:
             w = self.nest(w, role)
             if b is not None and role not in ("attn.o", "mlp.down"):
                 b = self.nest(b, role)
-        return self.call(F.linear, x, w, b, role=role)
+        y = self.call(F.linear, x, w, b, role=role)
+        hyper = self.spec.layers[self.layer].hyper if self.layer is not None else None
+        if hyper is not None and S.HYPER_TARGETS[hyper.target] == role:
+            y = self.hyper_delta(x, y, hyper, role, out_ax, in_ax)
+        return y
+
+    def hyper_delta(self, x: fx.Node, y: fx.Node, hyper: S.Hyper, role: str, out_ax: tuple, in_ax: tuple
+                    ) -> fx.Node:
+        """y + A(c)·(B(c)·x): the per-example low-rank delta of a hypernetwork (see spec.Hyper)."""
+        i = self.layer
+        name, hid, rank = f"layers.{i}.hyper", (f"F:hyper[{i}]",), f"R[{i}]"
+        h = self.call(F.gelu, self.linear(self.conditions, f"{name}.hidden", hid, ("Cn",), True, "hyper"),
+                      role="hyper")  # (B, Fh)
+        w_a = self.param(f"{name}.a.weight", ((*out_ax, rank), hid), role, "zeros", ("out", "in"))
+        w_b = self.param(f"{name}.b.weight", ((rank, *in_ax), hid), "hyper", "normal", ("in", "in"))
+        a = self.call(F.linear, h, w_a, role=role)  # (B, out·r)
+        bm = self.call(F.linear, h, w_b, role="hyper")  # (B, r·in)
+        return self.call(ops.lowrank_delta, x, y, a, bm, hyper.rank, role=role)
 
     def nest(self, x: fx.Node, site: str) -> fx.Node:
         return self._tag(self.g.call_module("nest", (x, self.layer, site)), NodeInfo(site, self.layer))
@@ -176,6 +197,7 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
         src = b.input("input_ids")  # (B, T)
         mask_in = b.input("attention_mask", default_value=None)  # (B, T) or None
         cond = b.input("conditions", default_value=None) if spec.conditions else None  # (B, Cn)
+        b.conditions = cond
         x, table = _token_embedding(b, spec, src, cond)  # (B, T, D); the token table, if there is one
         if e.segments:
             types = b.input("token_type_ids", default_value=None)  # (B, T) or None

@@ -80,21 +80,27 @@ def _level(token: str, levels: tuple[float, ...] | None, layer: int, what: str) 
                     f"({', '.join(f'{n} = {x:g}' for n, x in zip(names, levels, strict=True))})")
 
 
+def _tokens(text: str | None, n: int) -> list[str]:
+    """Per-layer granularity tokens from "s" (all layers) or "s,s,m,l" (one per layer)."""
+    if text is None:
+        return ["xl"] * n
+    tokens = [t for t in str(text).replace(" ", ",").split(",") if t]
+    if len(tokens) == 1:
+        tokens *= n
+    if len(tokens) != n:
+        raise MptcError(f"the mix lists {len(tokens)} granularities but the model has {n} layers",
+                        hint="give one per layer, e.g. " + ",".join(["s"] * n))
+    return tokens
+
+
 def parse_choice(spec: S.Spec, mix: str | None = None, *, mlp: str | None = None, heads: str | None = None,
                  skip: Sequence[int] | str = ()) -> Choice:
     """A Choice from its text parts (see the module docstring); unset parts stay whole."""
     n = spec.n_layers
     if mix is not None and mlp is not None:
         raise MptcError("give either a per-layer mix or one MLP granularity, not both")
-    mlp_tokens: list[str] = [mlp] * n if mlp is not None else ["xl"] * n
-    if mix is not None:
-        mlp_tokens = [t for t in mix.replace(" ", ",").split(",") if t]
-        if len(mlp_tokens) == 1:
-            mlp_tokens *= n
-        if len(mlp_tokens) != n:
-            raise MptcError(f"the mix lists {len(mlp_tokens)} granularities but the model has {n} layers",
-                            hint="give one per layer, e.g. " + ",".join(["s"] * n))
-    head_tokens = [heads] * n if heads is not None else ["xl"] * n
+    mlp_tokens = _tokens(mix if mix is not None else mlp, n)
+    head_tokens = _tokens(heads, n)
     if isinstance(skip, str):
         try:
             skip = [int(t) for t in skip.replace(" ", ",").split(",") if t]
@@ -151,7 +157,7 @@ def sub_spec(spec: S.Spec, choice: Choice) -> S.Spec:
             attention=replace(ly.attention, heads=h, kv_heads=g,
                               nested=_rescale(ly.attention.nested, choice.heads[i])),
         ))
-    return spec.replace(layers=tuple(layers))
+    return spec.replace(layers=tuple(layers), tasks=())  # a task names layers of the parent
 
 
 # --- running a sub-network inside the full module ------------------------------------------
@@ -203,20 +209,37 @@ def nest_of(model: fx.GraphModule) -> Nest:
                         hint="declare `nested = […]` in mlp or attention, or `skippable` layers") from None
 
 
+def task_choice(spec: S.Spec, name: str) -> Choice:
+    """The sub-network of a named task (`tasks { … }` in the spec)."""
+    for t in spec.tasks:
+        if t.name == name:
+            return parse_choice(spec, t.mix, heads=t.heads, skip=t.skip)
+    names = [t.name for t in spec.tasks]
+    raise MptcError(f"model '{spec.name}' has no task '{name}'",
+                    hint=suggest(name, names) or (f"tasks: {', '.join(names)}" if names else "it declares no tasks"))
+
+
 @contextlib.contextmanager
 def granularity(model: fx.GraphModule, mix: str | Choice | None = None, *, mlp: str | None = None,
-                heads: str | None = None, skip: Sequence[int] | str = ()) -> Iterator[Choice]:
+                heads: str | None = None, skip: Sequence[int] | str = (), task: str | None = None
+                ) -> Iterator[Choice]:
     """Run `model` as one of its sub-networks inside the block (no weights are copied):
 
         with granularity(model, "s,s,m,l"):      # Mix'n'Match, one granularity per layer
             logits = model(input_ids=ids)
         with granularity(model, mlp="s", skip=[3]):
             ...
+        with granularity(model, task="fast"):     # a sub-network named in the spec's `tasks`
+            ...
     """
     from .model import spec_of
 
     nest = nest_of(model)
-    choice = mix if isinstance(mix, Choice) else parse_choice(spec_of(model), mix, mlp=mlp, heads=heads, skip=skip)
+    spec = spec_of(model)
+    if task is not None:
+        choice = task_choice(spec, task)
+    else:
+        choice = mix if isinstance(mix, Choice) else parse_choice(spec, mix, mlp=mlp, heads=heads, skip=skip)
     before = nest.choice
     nest.set(choice)
     try:

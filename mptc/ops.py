@@ -110,6 +110,14 @@ def mix_experts(ids: Tensor, tables: Tensor, logits: Tensor, top: int | None) ->
     return (w[..., None] * emb).sum(-2)
 
 
+def lowrank_delta(x: Tensor, y: Tensor, a: Tensor, b: Tensor, rank: int) -> Tensor:
+    """y + A·(B·x) per example: x (B, T, in), y (B, T, out), a (B, out·r) and b (B, r·in) flattened."""
+    bsz = x.shape[0]
+    a = a.view(bsz, -1, rank)  # (B, out, r)
+    b = b.view(bsz, rank, -1)  # (B, r, in)
+    return y + torch.bmm(torch.bmm(x, b.transpose(1, 2)), a.transpose(1, 2))  # (B, T, out)
+
+
 def prepend(token: Tensor, x: Tensor) -> Tensor:
     """Put a learned token (D,) in front of x (B, N, D): (B, N + 1, D)."""
     return torch.cat([token.expand(x.shape[0], 1, -1), x], dim=1)

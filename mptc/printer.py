@@ -30,6 +30,8 @@ def _lit(x) -> str:
         return "none"
     if isinstance(x, tuple):
         return "[" + ", ".join(_lit(i) for i in x) + "]"
+    if isinstance(x, S.Hyper):
+        return f"lowrank(target = {x.target}, rank = {x.rank}, hidden = {x.hidden})"
     return str(x)
 
 
@@ -42,6 +44,12 @@ def _input(i: str | S.Patches) -> str:
         return (f"patches(image = {i.image}, patch = {i.patch}, channels = {i.channels}, "
                 f"cls = {_lit(i.cls)})")
     return i
+
+
+def _task(t: S.Task) -> str:
+    args = ([f'mix = "{t.mix}"'] if t.mix else []) + ([f"heads = {t.heads}"] if t.heads else []) + \
+        ([f"skip = {_lit(t.skip)}"] if t.skip else [])
+    return f"subnet({', '.join(args)})"
 
 
 def _per_layer(values: list) -> str:
@@ -94,6 +102,8 @@ def format_spec(spec: S.Spec) -> str:
     for k in ("skippable", "modulate"):
         if any(getattr(layer, k) for layer in ls):
             out.append(f"{INDENT * 2}{k} = {_per_layer([getattr(layer, k) for layer in ls])}")
+    if any(layer.hyper for layer in ls):
+        out.append(f"{INDENT * 2}hyper = {_per_layer([layer.hyper for layer in ls])}")
     att = [layer.attention for layer in ls]
     keys = ["heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout"]
     if any(a.rotary_dim not in (None, a.head_dim) for a in att):
@@ -116,6 +126,8 @@ def format_spec(spec: S.Spec) -> str:
     elif h.kind == "classify":
         hf += [("classes", str(h.classes)), ("pool", h.pool), ("pooler", _lit(h.pooler)), ("bias", _lit(h.bias))]
     out += _block(f"head {h.kind}", hf, 1)
+    if spec.tasks:
+        out += _block("tasks", [(t.name, _task(t)) for t in spec.tasks], 1)
     out.append("}")
     return "\n".join(out) + "\n"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from . import spec as S
 from . import syntax as ast
-from .errors import Span, SpecError, one_of, suggest
+from .errors import MptcError, Span, SpecError, one_of, suggest
 from .evaluate import CallValue, Sym, V, evaluate, evaluate_lets
 
 # --- value converters: V -> python, errors at the value -----------------------------
@@ -256,9 +256,9 @@ def layer_span(spans: dict, path: str, layer: int, fallback: Span) -> Span:
 # --- the model ---------------------------------------------------------------------------
 
 MODEL_FIELDS = ("vocab", "context", "width", "init", "conditions")
-MODEL_BLOCKS = ("embed", "layers", "head")
+MODEL_BLOCKS = ("embed", "layers", "head", "tasks")
 EMBED_FIELDS = ("input", "positions", "dropout", "norm", "segments", "experts", "condition", "adaptive")
-LAYER_FIELDS = ("norm", "placement", "dropout", "skippable", "modulate")
+LAYER_FIELDS = ("norm", "placement", "dropout", "skippable", "modulate", "hyper")
 ATTN_FIELDS = ("heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout", "rotary_dim",
                "window", "nested")
 MLP_FIELDS = ("hidden", "activation", "bias", "nested")
@@ -292,8 +292,9 @@ def to_spec(file: ast.File) -> S.Spec:
         raise SpecError(f"model '{name}' has no `head … {{ … }}` block", m.span, "write `head lm { … }`, "
                         "`head classify { classes = … }` or `head none { }`")
     head = _head(f.blocks["head"], env, spans)
+    tasks = _tasks(f.blocks["tasks"], env, spans) if "tasks" in f.blocks else ()
     spec = S.Spec(name, width, tuple(layers), head, vocab=vocab, context=context, conditions=conditions,
-                  embed=embed, init=init, spans=spans)
+                  embed=embed, init=init, tasks=tasks, spans=spans)
     _check(spec, m, spans)
     return spec
 
@@ -345,6 +346,59 @@ def as_film(v: V, what: str) -> S.Film | None:
         return S.Film(**call_args(v, what, {"hidden": lambda a: as_int(a, "hidden")}, required=("hidden",)))
     raise SpecError(f"{what} must be film(hidden = …) or none, got {v.kind}", v.span,
                     f"write {what} = film(hidden = 32)")
+
+
+def as_hyper(v: V) -> S.Hyper | None:
+    if _is_none(v):
+        return None
+    if isinstance(v.value, CallValue) and v.value.name == "lowrank":
+        targets = tuple(S.HYPER_TARGETS)
+        return S.Hyper(**call_args(v, "hyper", {
+            "target": lambda a: as_choice(a, "target", targets),
+            "rank": lambda a: as_int(a, "rank"),
+            "hidden": lambda a: as_int(a, "hidden"),
+        }, required=("target",)))
+    raise SpecError(f"hyper must be lowrank(target = …, rank = …, hidden = …) or none, got {v.kind}", v.span,
+                    "write hyper = lowrank(target = q, rank = 4, hidden = 32)")
+
+
+def _tasks(b: ast.Block, env: dict, spans: dict) -> tuple[S.Task, ...]:
+    """`tasks { chat = "xl", fast = subnet(mix = "s,s,m", heads = l, skip = [2]) }`."""
+    _no_arg(b)
+    out, seen = [], {}
+    for e in b.body:
+        if isinstance(e, ast.Block):
+            raise SpecError(f"'{e.name}' in tasks must be a sub-network", e.span, f'write `{e.name} = "s,m,l"`')
+        if e.name in seen:
+            raise SpecError(f"task '{e.name}' is declared twice", e.span)
+        v = evaluate(e.value, env)
+        seen[e.name] = spans[f"tasks.{e.name}"] = v
+        if isinstance(v.value, (str, Sym)):
+            out.append(S.Task(e.name, mix=v.value if isinstance(v.value, str) else v.value.name))
+            continue
+        if not (isinstance(v.value, CallValue) and v.value.name == "subnet"):
+            raise SpecError(f"task '{e.name}' must be a granularity string or subnet(mix = …, heads = …, "
+                            f"skip = […]), got {v.kind}", v.span)
+        args = call_args(v, "task", {
+            "mix": lambda a: _granularity_text(a), "heads": lambda a: _granularity_text(a),
+            "skip": lambda a: tuple(as_int(i, "a layer index", lo=0) for i in _as_list(a, "skip")),
+        })
+        out.append(S.Task(e.name, **args))
+    return tuple(out)
+
+
+def _granularity_text(v: V) -> str:
+    if isinstance(v.value, str):
+        return v.value
+    if isinstance(v.value, Sym):
+        return v.value.name
+    raise SpecError(f"a granularity must be a name (s, m, l, xl) or a string like \"s,s,m\", got {v.kind}", v.span)
+
+
+def _as_list(v: V, what: str) -> list[V]:
+    if not isinstance(v.value, list):
+        raise SpecError(f"{what} must be a list, got {v.kind}", v.span)
+    return v.value
 
 
 def as_experts(v: V) -> S.Experts | None:
@@ -416,6 +470,7 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
     dropout = pl.take("dropout", lambda v: as_prob(v, "dropout"), 0.0)
     skippable = pl.take("skippable", lambda v: as_bool(v, "skippable"), False)
     modulate = pl.take("modulate", lambda v: as_bool(v, "modulate"), False)
+    hyper = pl.take("hyper", as_hyper, None)
 
     ab = lf.blocks.get("attention")
     if ab is None:
@@ -482,6 +537,7 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
             dropout=dropout[i],
             skippable=skippable[i],
             modulate=modulate[i],
+            hyper=hyper[i],
         )
         for i in range(n)
     ]
@@ -584,6 +640,22 @@ def _check_mpt(spec: S.Spec, m: ast.Block, spans: dict) -> None:
         raise SpecError("modulate needs token types", spans["layers.modulate"].span,
                         "declare them: embed { types { text = …, image = … } }")
     needs = [(k, spans[f"embed.{k}"]) for k in ("condition",) if getattr(e, k) is not None]
+    if any(ly.hyper for ly in spec.layers):
+        needs.append(("hyper", spans["layers.hyper"]))
+    for i, ly in enumerate(spec.layers):
+        role = S.HYPER_TARGETS[ly.hyper.target] if ly.hyper else None
+        nested = (ly.mlp.nested and role and role.startswith("mlp.")) or (ly.attention.nested and role and
+                                                                           role.startswith("attn."))
+        if nested:
+            raise SpecError(f"layer {i}: a hypernetwork delta on a nested projection is not supported",
+                            layer_span(spans, "layers.hyper", i, m.span), "target a projection that is not nested")
+    for t in spec.tasks:
+        try:
+            from .nested import parse_choice
+
+            parse_choice(spec, t.mix, heads=t.heads, skip=t.skip)
+        except MptcError as err:
+            raise SpecError(f"task '{t.name}': {err.message}", spans[f"tasks.{t.name}"].span, err.hint) from None
     if e.experts is not None and e.experts.gate == "condition":
         needs.append(("experts", spans["embed.experts"]))
     if needs and spec.conditions is None:

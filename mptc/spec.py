@@ -118,6 +118,31 @@ class MLP:
         return self.activation in GATED
 
 
+HYPER_TARGETS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o", "up": "mlp.up", "gate": "mlp.gate",
+                 "down": "mlp.down"}
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A per-example low-rank delta W + A(c)·B(c) on one projection, made by a small hypernetwork
+    from the side input c: h = gelu(W_h c), A = W_A h as (out, rank), B = W_B h as (rank, in).
+    W_A starts at zero, so the delta starts at zero."""
+
+    target: str  # q | k | v | o | up | gate | down
+    rank: int = 4
+    hidden: int = 32
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named sub-network (MatFormer nesting): MLP granularities, head granularity, skipped layers."""
+
+    name: str
+    mix: str | None = None
+    heads: str | None = None
+    skip: tuple[int, ...] = ()
+
+
 @dataclass(frozen=True)
 class Layer:
     attention: Attention
@@ -127,6 +152,7 @@ class Layer:
     dropout: float = 0.0  # on each residual branch
     skippable: bool = False  # MatFormer / Mix'n'Match: a sub-network may skip this layer
     modulate: bool = False  # a learned scale and shift per token type of both sublayers' inputs
+    hyper: Hyper | None = None  # a hypernetwork-made low-rank delta on one projection
 
 
 @dataclass(frozen=True)
@@ -165,6 +191,7 @@ class Spec:
     embed: Embed = Embed()
     init: Init = Init()
     conditions: int | None = None  # size of the side input vector `conditions` (B, conditions)
+    tasks: tuple[Task, ...] = ()  # task-conditioned width and depth: named sub-networks
     spans: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     @property

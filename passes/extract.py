@@ -37,10 +37,16 @@ class Extract(Pass):
     mix: str | None = None  # Mix'n'Match: one MLP granularity per layer, "s,s,m,l"
     heads: str | None = None  # one granularity for every nested attention
     drop_layers: list[int] | None = None
+    task: str | None = None  # a sub-network named in the spec's `tasks`
 
     def choice(self, model: fx.GraphModule) -> N.Choice:
         spec = spec_of(model)
-        c = N.parse_choice(spec, self.mix, mlp=self.mlp, heads=self.heads, skip=self.drop_layers or ())
+        if self.task is not None:
+            if any(x is not None for x in (self.mlp, self.mix, self.heads, self.drop_layers)):
+                raise PassError("extract: a task names its own sub-network; give the task or the granularities")
+            c = N.task_choice(spec, self.task)
+        else:
+            c = N.parse_choice(spec, self.mix, mlp=self.mlp, heads=self.heads, skip=self.drop_layers or ())
         if c.is_full:
             raise PassError("extract: this choice is the whole model", hint="pick a smaller granularity, e.g. "
                             "mlp = s, or layers to drop")

@@ -21,6 +21,14 @@ from .base import Pass, PassError, layer_list
 from .engine import Change, Init, grouped_grow_map, grow_map
 
 
+def _not_nested(what: str, spec: S.Spec, i: int, block: str) -> None:
+    """Growing a nested (MatFormer) block would change the size of every granularity below the top."""
+    if getattr(spec.layers[i], block).nested:
+        raise PassError(f"{what}: layer {i}'s {block} is nested (MatFormer); growing it would change what every "
+                        "smaller granularity keeps", hint="extract the sub-network you want first, or grow "
+                        "layers that are not nested (layers = …)")
+
+
 def _with_layers(spec: S.Spec, edit) -> S.Spec:
     return spec.replace(layers=tuple(edit(i, layer) for i, layer in enumerate(spec.layers)))
 
@@ -48,6 +56,7 @@ class GrowMLP(Pass):
         spec = spec_of(model)
         out = {}
         for i in layer_list(model, self.layers, self.name):
+            _not_nested(self.name, spec, i, "mlp")
             old = spec.layers[i].mlp.hidden
             new = self.hidden if self.hidden is not None else round(old * self.factor)
             _not_smaller(self.name, "MLP hidden size", old, new, i)
@@ -88,6 +97,7 @@ class AddHeads(Pass):
             raise PassError(f"add_heads: unknown mode '{self.mode}'", hint="use mode = join or mode = kv")
         plan = {}
         for i in layer_list(model, self.layers, self.name):
+            _not_nested(self.name, spec, i, "attention")
             a = spec.layers[i].attention
             r = a.heads // a.kv_heads
             mode = self.mode or ("kv" if r == 1 else "join")
@@ -134,6 +144,7 @@ class AddKVHeads(Pass):
         spec = spec_of(model)
         plan = {}
         for i in layer_list(model, self.layers, self.name):
+            _not_nested(self.name, spec, i, "attention")
             a = spec.layers[i].attention
             g = a.kv_heads + self.n
             if self.n < 1 or g > a.heads or a.heads % g or g % a.kv_heads:
@@ -252,6 +263,17 @@ class GrowWidth(Pass):
                       scale=lambda name, info: g if info.io == ("norm",) else 1.0)
 
 
+def _shift_task(t: S.Task, at: int, n: int, layers: int) -> S.Task:
+    """A task after inserting n whole layers at `at`: per-layer lists get `xl`, skips move."""
+    def insert(text: str | None) -> str | None:
+        parts = [p for p in (text or "").replace(" ", ",").split(",") if p]
+        if len(parts) != layers:
+            return text  # one granularity for every layer
+        return ",".join(parts[:at] + ["xl"] * n + parts[at:])
+
+    return replace(t, mix=insert(t.mix), heads=insert(t.heads), skip=tuple(i + n if i >= at else i for i in t.skip))
+
+
 def _norms(spec: S.Spec) -> list[S.Norm | None]:
     return [spec.embed.norm, spec.head.norm, *(ly.norm for ly in spec.layers)]
 
@@ -286,8 +308,8 @@ class AddLayers(Pass):
         spec = spec_of(model)
         at, n = self._at(spec), self.n
         tpl = max(at - 1, 0)
-        layers = spec.layers[:at] + (spec.layers[tpl],) * n + spec.layers[at:]
-        new = spec.replace(layers=layers)
+        layers = spec.layers[:at] + (replace(spec.layers[tpl], skippable=False),) * n + spec.layers[at:]
+        new = spec.replace(layers=layers, tasks=tuple(_shift_task(t, at, n, spec.n_layers) for t in spec.tasks))
 
         def origin(name: str) -> tuple[str | None, bool]:
             if not name.startswith("layers."):

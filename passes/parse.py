@@ -69,7 +69,7 @@ def _value(key: str, v: V):
     x = v.value
     if key == "init":
         return _init(v)
-    if key in ("mlp", "heads", "mix"):  # granularities: a name, a fraction, or a string like "s,s,m"
+    if key in ("mlp", "heads", "mix", "task"):  # granularities: a name, a fraction, or a string like "s,s,m"
         if isinstance(x, Sym):
             return x.name
         if isinstance(x, str):
