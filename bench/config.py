@@ -16,32 +16,36 @@ class Mode:
     toy: bool = False  # toy-size models (the smoke test)
     inproc: bool = False  # run candidates in this process (toy only: memory figures are then process-wide)
     threads: int | None = None  # torch threads in the workers (None: torch's default, one per core)
+    quiet_s: float = 3.0  # before each timed op, wait up to this long for other processes to leave the CPUs
     layers: int | None = None  # depth of the benchmarked models (None: as shipped, 12)
     families: tuple[str, ...] = ("gpt2", "llama")  # the models of the export and inference suites
-    warm_export: bool = True  # export a toy model first in each export worker (one-time costs untimed)
-    pass_limit: int | None = None  # at most this many passes per model (toy)
     shapes: tuple[tuple[int, int], ...] = ((1, 128), (8, 256))  # batch × sequence
-    inf_warmup: int = 1
-    inf_reps: int = 3
-    inf_budget_s: float = 120.0  # per model and shape; rounds stop after min 2 reps once spent
+    inf_warmup: int = 1  # warm-up rounds at the first shape (later shapes run in warm workers)
+    inf_reps: int = 9  # at most, per model and shape
+    inf_min_reps: int = 3
+    inf_budget_s: float = 40.0  # per model and shape: no new round after this, once inf_min_reps are done
     matmul_n: int = 2048
     depths: tuple[int, ...] = (6, 12, 24, 48)
     lower_reps: int = 7
+    warm_export: bool = True  # export a toy model first in each export worker (one-time costs untimed)
     export_reps: int = 1
-    pass_warmup: int = 1
+    pass_limit: int | None = None  # at most this many passes per model (toy)
+    pass_warmup: int = 0
     pass_reps: int = 2
-    pass_budget_s: float = 150.0
+    pass_budget_s: float = 100.0
     extract_shape: tuple[int, int] = (4, 128)
     extract_reps: int = 5
     extract_budget_s: float = 60.0
 
 
 FULL = Mode("full")
-QUICK = Mode("quick", layers=4, shapes=((1, 32), (2, 64)), inf_reps=3, inf_budget_s=20, lower_reps=3,
-             pass_warmup=0, pass_reps=2, pass_budget_s=30, extract_shape=(1, 64), extract_reps=3, extract_budget_s=10)
-TOY = Mode("toy", toy=True, inproc=True, threads=1, families=("gpt2",), warm_export=False, pass_limit=1, shapes=((1, 8), (2, 16)), inf_warmup=0, inf_reps=1, inf_budget_s=5, matmul_n=128,
-           depths=(1, 2, 4), lower_reps=1, pass_warmup=0, pass_reps=1, pass_budget_s=5, extract_shape=(1, 8),
-           extract_reps=1, extract_budget_s=5)
+QUICK = Mode("quick", layers=4, quiet_s=0.5, shapes=((1, 32), (2, 64)), inf_reps=3, inf_min_reps=2, inf_budget_s=10,
+             lower_reps=2, warm_export=False, pass_reps=1, pass_budget_s=20, extract_shape=(1, 64), extract_reps=2,
+             extract_budget_s=10)
+TOY = Mode("toy", toy=True, inproc=True, threads=1, quiet_s=0.0, families=("gpt2",), shapes=((1, 8), (2, 16)),
+           inf_warmup=0, inf_reps=1, inf_min_reps=1, inf_budget_s=5, matmul_n=128, depths=(1, 2, 4), lower_reps=1,
+           warm_export=False, pass_limit=1, pass_reps=1, pass_budget_s=5, extract_shape=(1, 8), extract_reps=1,
+           extract_budget_s=5)
 MODES = {m.name: m for m in (FULL, QUICK, TOY)}
 
 
@@ -54,5 +58,5 @@ class Ctx:
     onnx: dict[str, str] = field(default_factory=dict)  # family → the ONNX file mptc exported
 
     def worker(self, name: str, setup: str, **kwargs) -> Worker:
-        return Worker(name, setup, inproc=self.mode.inproc, log=str(self.root / "workers.log"), threads=self.mode.threads,
-                      **kwargs)
+        return Worker(name, setup, inproc=self.mode.inproc, log=str(self.root / "workers.log"),
+                      threads=self.mode.threads, **kwargs)

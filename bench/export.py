@@ -53,11 +53,11 @@ def hf_export(model, path: str, context: int) -> None:
     ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     batch, seq = Dim("batch", min=1, max=4096), Dim("sequence", min=1, max=context)
     with _quiet():
-        prog = torch.onnx.export(Logits(model).eval(), (), kwargs={"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                                 dynamo=True, dynamic_shapes={"input_ids": {0: batch, 1: seq},
-                                                              "attention_mask": {0: batch, 1: seq}},
-                                 input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                                 opset_version=ONNX_OPSET, verbose=False)
+        kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        prog = torch.onnx.export(Logits(model).eval(), (), kwargs=kwargs, dynamo=True,
+                                 dynamic_shapes={k: {0: batch, 1: seq} for k in kwargs},
+                                 input_names=list(kwargs), output_names=["logits"], opset_version=ONNX_OPSET,
+                                 verbose=False)
     prog.save(path)
 
 
@@ -100,7 +100,7 @@ def run(ctx: Ctx) -> dict:
         start_all(list(workers.values()))
         try:
             st = interleave({k: (w, "export") for k, w in workers.items()}, warmup=0, reps=ctx.mode.export_reps,
-                            min_reps=1, say=ctx.say)
+                            min_reps=1, quiet_s=ctx.mode.quiet_s, say=ctx.say)
         finally:
             close_all(list(workers.values()))
         if st["mptc"].times:

@@ -61,7 +61,7 @@ def run(ctx: Ctx) -> dict:
     names = ["full", *LEVELS, *(f"in-place {g}" for g in LEVELS), "plain"]
     try:
         st = interleave({k: (w, k) for k in names}, warmup=1, reps=ctx.mode.extract_reps,
-                        budget_s=ctx.mode.extract_budget_s, say=ctx.say)
+                        budget_s=ctx.mode.extract_budget_s, quiet_s=ctx.mode.quiet_s, say=ctx.say)
     finally:
         close_all([w])
     if not w.ok:

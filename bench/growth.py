@@ -62,7 +62,8 @@ def run(ctx: Ctx) -> dict:
         start_all([w])
         try:
             st = interleave({c: (w, c) for c in ["load+save", *cs]}, warmup=ctx.mode.pass_warmup,
-                            reps=ctx.mode.pass_reps, budget_s=ctx.mode.pass_budget_s, min_reps=1, say=ctx.say)
+                            reps=ctx.mode.pass_reps, budget_s=ctx.mode.pass_budget_s, min_reps=1,
+                            quiet_s=ctx.mode.quiet_s, say=ctx.say)
         finally:
             close_all([w])
         base = st["load+save"]

@@ -156,7 +156,8 @@ class Worker:
             return self
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, self.setup, self.kwargs, self.log, self.threads), daemon=True)
+        args = (child, self.setup, self.kwargs, self.log, self.threads)
+        self._proc = ctx.Process(target=_serve, args=args, daemon=True)
         self._proc.start()
         child.close()
         return self
@@ -225,6 +226,41 @@ def close_all(workers: list[Worker]) -> None:
         w.close()
 
 
+# --- other processes -------------------------------------------------------------------------------
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return sum(vals) - idle, sum(vals)
+
+
+def busy(window: float = 0.1) -> float | None:
+    """Fraction of all cores busy over `window` seconds (our workers are idle while this runs, so it is
+    other processes' load); None where /proc/stat is missing."""
+    a = _cpu_times()
+    time.sleep(window)
+    b = _cpu_times()
+    if a is None or b is None or b[1] == a[1]:
+        return None
+    return (b[0] - a[0]) / (b[1] - a[1])
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.25) -> float | None:
+    """Wait (at most `max_wait` s) until other processes use less than `threshold` of the machine;
+    return the busy fraction when the op may start."""
+    t0 = time.perf_counter()
+    while True:
+        b = busy()
+        if b is None or b < threshold or time.perf_counter() - t0 >= max_wait:
+            return b
+        time.sleep(0.2)
+
+
 # --- statistics -----------------------------------------------------------------------------------
 
 
@@ -235,6 +271,7 @@ class Stats:
     name: str
     times: list[float] = field(default_factory=list)
     warmup: list[float] = field(default_factory=list)
+    busy: list[float] = field(default_factory=list)  # other processes' share of the CPUs as each timed run began
     peak: int = 0  # bytes above the resident set before the op, max over all runs
     hwm: int = 0  # the process's peak resident set, max over all runs
     info: dict = field(default_factory=dict)  # what the op returned: medians over timed runs of numbers
@@ -253,6 +290,7 @@ class Stats:
         return {"median_s": _num(self.median), "min_s": _num(self.best), "times_s": [round(t, 6) for t in self.times],
                 "warmup_s": [round(t, 6) for t in self.warmup], "peak_mib": round(self.peak / MiB, 1),
                 "process_peak_mib": round(self.hwm / MiB, 1), "error": self.error,
+                "busy_at_start": [round(b, 2) for b in self.busy],
                 **({"info": self.info} if self.info else {})}
 
 
@@ -262,17 +300,18 @@ def _num(x: float) -> float | None:
 
 def ratio(a: Stats, b: Stats) -> float:
     """Median over rounds of a's time / b's time in the same round (NaN when either is missing)."""
-    pairs = [x / y for x, y in zip(a.times, b.times) if y > 0]
+    pairs = [x / y for x, y in zip(a.times, b.times, strict=False) if y > 0]
     return statistics.median(pairs) if pairs else float("nan")
 
 
 def interleave(cands: dict[str, tuple[Worker, str]], warmup: int = 1, reps: int = 3, budget_s: float | None = None,
-               min_reps: int = 2, pause: float = 0.05, say: Callable[[str], None] | None = None) -> dict[str, Stats]:
+               min_reps: int = 2, quiet_s: float = 0.0, say: Callable[[str], None] | None = None) -> dict[str, Stats]:
     """Run every candidate (a worker and one of its ops) in rounds, rotating the order each round.
 
     `warmup` rounds are discarded (kept in `Stats.warmup`). After `min_reps` timed rounds, no new
-    round starts once `budget_s` has passed. A candidate whose op fails keeps its error and is
-    dropped from later rounds.
+    round starts once `budget_s` has passed. Before each op, wait up to `quiet_s` for other processes
+    to leave the CPUs (and at least 0.1 s, which also lets the previous op's spinning threads go idle).
+    A candidate whose op fails keeps its error and is dropped from later rounds.
     """
     stats = {k: Stats(k) for k in cands}
     for k, (w, _) in cands.items():
@@ -288,7 +327,7 @@ def interleave(cands: dict[str, tuple[Worker, str]], warmup: int = 1, reps: int 
             if stats[k].error:
                 continue
             w, op = cands[k]
-            time.sleep(pause)  # let the previous candidate's spinning threads go idle
+            b = wait_quiet(quiet_s)
             try:
                 res = w.run(op)
             except WorkerError as e:
@@ -298,6 +337,8 @@ def interleave(cands: dict[str, tuple[Worker, str]], warmup: int = 1, reps: int 
                 continue
             s = stats[k]
             (s.warmup if r < warmup else s.times).append(res["seconds"])
+            if r >= warmup and b is not None:
+                s.busy.append(b)
             s.peak, s.hwm = max(s.peak, res["peak"]), max(s.hwm, res["hwm"])
             if res["info"]:
                 if r >= warmup:

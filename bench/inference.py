@@ -128,13 +128,14 @@ def run(ctx: Ctx) -> dict:
             if not w.ok:
                 ctx.say(f"    {name}: setup failed: {w.error.strip().splitlines()[-1]}")
         try:
-            for b, t in shapes:
+            for i, (b, t) in enumerate(shapes):
                 key = f"{b}x{t}"
                 ctx.say(f"  {prep.title} {b}×{t}")
                 cands = {name: (w, key) for name, w in workers.items()}
                 cands["matmul"] = (peak, "matmul")
                 t0 = time.perf_counter()
-                st = interleave(cands, warmup=mode.inf_warmup, reps=mode.inf_reps, budget_s=mode.inf_budget_s,
+                st = interleave(cands, warmup=mode.inf_warmup if i == 0 else 0, reps=mode.inf_reps,
+                                budget_s=mode.inf_budget_s, min_reps=mode.inf_min_reps, quiet_s=mode.quiet_s,
                                 say=ctx.say)
                 peak_runs.extend(st.pop("matmul").times)
                 fl = flops(spec, b, t)

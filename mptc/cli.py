@@ -133,11 +133,11 @@ def _parser() -> argparse.ArgumentParser:
                        description="Run SRC in PyTorch, or an ONNX file in ONNX Runtime, and print the output's "
                        "shape and top predictions.")
     c.add_argument("spec", metavar="SRC")
-    g = c.add_mutually_exclusive_group(required=True)
+    g = c.add_mutually_exclusive_group()
     g.add_argument("--ids", help='token ids, e.g. "464 2068 7586" (one sequence)')
     g.add_argument("--ids-file", metavar="X.npy", help="token ids as a (B, T) or (T,) integer array")
-    g.add_argument("--pixels-file", metavar="X.npy", help="images as a (B, C, H, W) float array")
     g.add_argument("--random", type=int, metavar="B", help="a random batch of B inputs (from --seed)")
+    c.add_argument("--pixels-file", metavar="X.npy", help="images as a (B, C, H, W) float array")
     c.add_argument("--mask-file", metavar="M.npy", help="attention_mask (B, T) of 1 (token) and 0 (padding)")
     _choice_args(c, required=False)
     c.add_argument("--onnx", metavar="FILE", help="run this ONNX file in ONNX Runtime instead of PyTorch")
@@ -292,10 +292,13 @@ def _task_model(model, name: str):
 def _inputs(args, spec) -> dict[str, np.ndarray]:
     from .export import example_inputs
 
+    if args.random is None and args.ids is None and args.ids_file is None and args.pixels_file is None:
+        raise MptcError("no input given", hint="pass --ids, --ids-file, --pixels-file or --random B")
     if args.random is not None:
         if args.random < 1:
             raise MptcError("--random needs a batch size of at least 1")
         return {k: v.numpy() for k, v in example_inputs(spec, args.random, 16, seed=args.seed).items()}
+    image = {}
     if spec.patches is not None:
         if not args.pixels_file:
             raise MptcError(f"model '{spec.name}' reads images", hint="pass --pixels-file X.npy or --random B")
@@ -304,9 +307,13 @@ def _inputs(args, spec) -> dict[str, np.ndarray]:
         if px.ndim != 4 or px.shape[1:] != (p.channels, p.image, p.image):
             raise MptcError(f"{args.pixels_file}: pixel_values must have shape (B, {p.channels}, {p.image}, "
                             f"{p.image}), got {px.shape}")
-        return {"pixel_values": px}
-    if args.pixels_file:
+        image = {"pixel_values": px}
+        if not spec.reads_tokens:
+            return image
+    elif args.pixels_file:
         raise MptcError(f"model '{spec.name}' reads token ids", hint="pass --ids or --ids-file")
+    if args.ids is None and args.ids_file is None:
+        raise MptcError(f"model '{spec.name}' reads token ids and images", hint="pass --ids or --ids-file too")
     if args.ids is not None:
         try:
             ids = np.array([[int(t) for t in args.ids.replace(",", " ").split()]], dtype=np.int64)
@@ -324,15 +331,17 @@ def _inputs(args, spec) -> dict[str, np.ndarray]:
     if len(bad):
         b, t = bad[0]
         raise MptcError(f"token id {ids[b, t]} at position {t} (row {b}) is outside the vocabulary 0..{spec.vocab - 1}")
-    if spec.seq_len is not None and ids.shape[1] > spec.seq_len:
-        raise MptcError(f"{ids.shape[1]} tokens exceed the model's context of {spec.seq_len}")
+    if spec.context is not None and ids.shape[1] > spec.context:
+        raise MptcError(f"{ids.shape[1]} tokens exceed the model's context of {spec.context}")
     mask = np.ones_like(ids)
     if args.mask_file:
         mask = _npy(args.mask_file).astype(np.int64)
         mask = mask[None] if mask.ndim == 1 else mask
         if mask.shape != ids.shape:
             raise MptcError(f"{args.mask_file}: attention_mask has shape {mask.shape}, the ids {ids.shape}")
-    return {"input_ids": ids, "attention_mask": mask}
+    if image and len(image["pixel_values"]) != len(ids):
+        raise MptcError(f"{len(ids)} token rows but {len(image['pixel_values'])} images")
+    return {"input_ids": ids, "attention_mask": mask} | image
 
 
 def _npy(path: str) -> np.ndarray:

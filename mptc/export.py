@@ -30,10 +30,11 @@ def example_inputs(spec: S.Spec, batch: int = 2, seq: int = 8, seed: int = 0,
     """Random inputs for a spec (ids, a padding mask with the last tokens masked if `padded`)."""
     g = torch.Generator().manual_seed(seed)
     p = spec.patches
-    if p is not None:
-        return {"pixel_values": torch.randn(batch, p.channels, p.image, p.image, generator=g)}
-    if spec.seq_len is not None:
-        seq = min(seq, spec.seq_len)
+    image = {"pixel_values": torch.randn(batch, p.channels, p.image, p.image, generator=g)} if p else {}
+    if not spec.reads_tokens:
+        return image
+    if spec.context is not None:
+        seq = min(seq, spec.context)
     ids = torch.randint(0, spec.vocab, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.int64)
     if padded:  # right padding, a different amount per row, never a whole row
@@ -44,20 +45,19 @@ def example_inputs(spec: S.Spec, batch: int = 2, seq: int = 8, seed: int = 0,
         out["token_type_ids"] = (torch.arange(seq) >= seq // 2).long().expand(batch, seq).contiguous()
     if spec.conditions:  # the side input: one vector per example
         out["conditions"] = torch.randn(batch, spec.conditions, generator=g)
-    return out
+    return out | image
 
 
 def dynamic_shapes(spec: S.Spec) -> dict:
     batch = Dim("batch", min=1, max=4096)
-    if spec.patches is not None:
-        return {"pixel_values": {0: batch}}
-    seq = Dim("sequence", min=1, max=spec.seq_len or 1 << 20)
-    return {name: {0: batch} if name == "conditions" else {0: batch, 1: seq} for name in spec.inputs}
+    seq = Dim("sequence", min=1, max=spec.context or 1 << 20)
+    return {name: {0: batch} if name in ("conditions", "pixel_values") else {0: batch, 1: seq}
+            for name in spec.inputs}
 
 
 def _export_inputs(spec: S.Spec) -> dict[str, torch.Tensor]:
     # sizes ≥ 2 on dynamic axes, so the exporter does not specialise them to 1
-    return example_inputs(spec, batch=2, seq=min(8, spec.seq_len or 8))
+    return example_inputs(spec, batch=2, seq=min(8, spec.context or 8))
 
 
 @contextlib.contextmanager

@@ -71,6 +71,8 @@ def sizes(spec: S.Spec) -> dict[str, int]:
             out[f"F:hyper[{i}]"], out[f"R[{i}]"] = ly.hyper.hidden, ly.hyper.rank
     if spec.patches is not None:
         out["I"] = spec.patches.channels * spec.patches.patch**2  # patch input features
+    if spec.multimodal:
+        out["MOD"] = 2
     for i, layer in enumerate(spec.layers):
         a = layer.attention
         out |= {f"H[{i}]": a.heads, f"G[{i}]": a.kv_heads, f"K[{i}]": a.head_dim, f"Dv[{i}]": a.value_dim,
@@ -181,29 +183,39 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
     e = spec.embed
 
     # --- inputs and embeddings ---  x: (B, T, D)
+    # placeholders in the order of spec.inputs; all but the first may be left out (None)
+    ins = {name: b.input(name, **({} if k == 0 else {"default_value": None})) for k, name in enumerate(spec.inputs)}
+    src, mask_in, cond = ins.get("input_ids"), ins.get("attention_mask"), ins.get("conditions")  # (B, T), (B, Cn)
+    b.conditions = cond
+    image = None
+    if spec.reads_tokens:
+        x, table = _token_embedding(b, spec, src, cond)  # (B, T, D); the token table, if there is one
+        if e.segments:
+            types = ins["token_type_ids"]  # (B, T) or None
+            table = b.param("embed.segments.weight", (("S",), ("D",)), "embed.segments", "normal", ("in", "out"))
+            x = b.call(operator.add, x, b.call(ops.segment_embed, types, x, table, role="embed.segments"),
+                       role="embed.segments")
     if spec.patches is not None:
         p = spec.patches
-        src = mask_in = None
-        pixels = b.input("pixel_values")
+        pixels = ins["pixel_values"]  # (B, C, S, S)
         w = b.param("embed.patch.weight", (("D",), ("I",)), "embed.patch", "normal", ("out", "in"))
         w4 = b.method("view", w, spec.width, p.channels, p.patch, p.patch, role="embed.patch",
                       shape=("D", None, None, None))
         bias = b.param("embed.patch.bias", (("D",),), "embed.patch", "zeros", ("out",))
-        x = b.call(ops.patchify, pixels, w4, bias, p.patch, role="embed.patch")  # (B, N, D)
+        image = b.call(ops.patchify, pixels, w4, bias, p.patch, role="embed.patch")  # (B, N, D)
         if p.cls:
             cls = b.param("embed.cls", (("D",),), "embed.cls", "normal", ("out",))
-            x = b.call(ops.prepend, cls, x, role="embed.cls")  # (B, N + 1, D)
-    else:
-        src = b.input("input_ids")  # (B, T)
-        mask_in = b.input("attention_mask", default_value=None)  # (B, T) or None
-        cond = b.input("conditions", default_value=None) if spec.conditions else None  # (B, Cn)
-        b.conditions = cond
-        x, table = _token_embedding(b, spec, src, cond)  # (B, T, D); the token table, if there is one
-        if e.segments:
-            types = b.input("token_type_ids", default_value=None)  # (B, T) or None
-            table = b.param("embed.segments.weight", (("S",), ("D",)), "embed.segments", "normal", ("in", "out"))
-            x = b.call(operator.add, x, b.call(ops.segment_embed, types, x, table, role="embed.segments"),
-                       role="embed.segments")
+            image = b.call(ops.prepend, cls, image, role="embed.cls")  # (B, N + 1, D)
+        if not spec.reads_tokens:
+            x = image
+    if spec.multimodal:  # one sequence; each modality adds its own learned type vector
+        mod = b.param("embed.modality.weight", (("MOD",), ("D",)), "embed.modality", "normal", ("in", "out"))
+        parts = [b.call(ops.add_row, image, mod, 0, role="embed.modality"),
+                 b.call(ops.add_row, x, mod, 1, role="embed.modality")]
+        if not spec.image_first:
+            parts.reverse()
+        x = b.call(torch.cat, parts, 1, role="embed.modality")  # (B, N' + T, D)
+        mask_in = b.call(ops.extend_mask, mask_in, image, spec.image_first, role="embed.modality")
     if e.positions.kind == "learned":
         pos = b.param("embed.positions.weight", (("P",), ("D",)), "embed.positions", "normal", ("in", "out"))
         ids = b.call(ops.positions, x, role="embed.positions")  # (T,)

@@ -118,6 +118,19 @@ def lowrank_delta(x: Tensor, y: Tensor, a: Tensor, b: Tensor, rank: int) -> Tens
     return y + torch.bmm(torch.bmm(x, b.transpose(1, 2)), a.transpose(1, 2))  # (B, T, out)
 
 
+def add_row(x: Tensor, table: Tensor, row: int) -> Tensor:
+    """x (B, N, D) + table[row] (D,): a modality's type vector."""
+    return x + table[row]
+
+
+def extend_mask(mask: Tensor | None, image: Tensor, image_first: bool) -> Tensor | None:
+    """The (B, T) text padding mask extended over the image positions, which are always real."""
+    if mask is None:
+        return None
+    ones = torch.ones(image.shape[:2], dtype=mask.dtype, device=mask.device)  # (B, N')
+    return torch.cat([ones, mask] if image_first else [mask, ones], dim=1)
+
+
 def prepend(token: Tensor, x: Tensor) -> Tensor:
     """Put a learned token (D,) in front of x (B, N, D): (B, N + 1, D)."""
     return torch.cat([token.expand(x.shape[0], 1, -1), x], dim=1)

@@ -39,7 +39,9 @@ def _positions(p: S.Positions) -> str:
     return f"rope(theta = {_lit(p.theta)})" if p.kind == "rope" else p.kind
 
 
-def _input(i: str | S.Patches) -> str:
+def _input(i: str | S.Patches | tuple) -> str:
+    if isinstance(i, tuple):
+        return "[" + ", ".join(_input(x) for x in i) + "]"
     if isinstance(i, S.Patches):
         return (f"patches(image = {i.image}, patch = {i.patch}, channels = {i.channels}, "
                 f"cls = {_lit(i.cls)})")

@@ -119,7 +119,14 @@ def as_positions(v: V) -> S.Positions:
     return S.Positions(as_choice(v, "positions", S.POSITIONS))
 
 
-def as_input(v: V) -> str | S.Patches:
+def as_input(v: V) -> str | S.Patches | tuple:
+    if isinstance(v.value, list):  # multi-modal: [patches(…), tokens], concatenated in this order
+        parts = tuple(as_input(i) for i in v.value)
+        kinds = sorted("tokens" if p == "tokens" else "patches" for p in parts)
+        if kinds != ["patches", "tokens"]:
+            raise SpecError("a multi-modal input lists one patches(…) and tokens", v.span,
+                            "write input = [patches(image = 224, patch = 16), tokens]")
+        return parts
     if isinstance(v.value, CallValue) and v.value.name == "patches":
         args = call_args(
             v,
@@ -588,7 +595,7 @@ def _check(spec: S.Spec, m: ast.Block, spans: dict) -> None:
     """Whole-model checks that relate fields of different blocks."""
     pos = spec.embed.positions.kind
     pspan = spans.get("embed.positions")
-    if spec.patches is None:
+    if spec.reads_tokens:
         if spec.vocab is None:
             raise SpecError(f"model '{spec.name}' reads tokens but has no `vocab = …`", m.span,
                             "set the vocabulary size, or `embed { input = patches(…) }` for images")
@@ -599,10 +606,10 @@ def _check(spec: S.Spec, m: ast.Block, spans: dict) -> None:
     if spec.head.kind == "lm":
         if spec.vocab is None:
             raise SpecError("an lm head needs `vocab = …`", spans["head"].span)
-        if spec.head.tied and spec.patches is not None:
+        if spec.head.tied and not spec.reads_tokens:
             raise SpecError("a tied lm head needs token input", spans["head.tied"].span,
                             "tying shares the token embedding, and a patch input has none; set tied = false")
-    if spec.patches is not None and spec.patches.cls is False and spec.head.kind == "classify" \
+    if not spec.reads_tokens and spec.patches.cls is False and spec.head.kind == "classify" \
             and spec.head.pool == "first":
         raise SpecError("pool = first needs a class token", spans.get("head.pool", spans["head"]).span,
                         "set patches(…, cls = true) or pool = mean")
@@ -617,7 +624,7 @@ def _check(spec: S.Spec, m: ast.Block, spans: dict) -> None:
                     "rotary embeddings rotate pairs of dimensions",
                 )
     _check_mpt(spec, m, spans)
-    if spec.embed.segments and spec.patches is not None:
+    if spec.embed.segments and (not spec.reads_tokens or spec.multimodal):
         raise SpecError("segments (token_type_ids) need token input", spans["embed.segments"].span)
 
 
@@ -628,8 +635,8 @@ def _check_mpt(spec: S.Spec, m: ast.Block, spans: dict) -> None:
     if e.types:
         blk = spans["embed.types"]
         total = sum(t.size for t in e.types)
-        if spec.patches is not None:
-            raise SpecError("token types need token input", blk.span)
+        if not spec.reads_tokens or spec.multimodal:
+            raise SpecError("token types need token input (and only token input)", blk.span)
         if total != spec.vocab:
             raise SpecError(f"the token types cover {total} ids but vocab = {spec.vocab}", blk.span,
                             "the types' sizes must add up to the vocabulary (ids are split in their order)")
@@ -664,7 +671,7 @@ def _check_mpt(spec: S.Spec, m: ast.Block, spans: dict) -> None:
                         "add `conditions = N` (the size of the `conditions` input vector) to the model")
     if e.experts is not None:
         v = spans["embed.experts"]
-        if spec.patches is not None:
+        if not spec.reads_tokens:
             raise SpecError("expert embeddings need token input", v.span)
         if e.experts.top is not None and e.experts.top > e.experts.count:
             raise SpecError(f"top = {e.experts.top} exceeds count = {e.experts.count}", v.span)

@@ -214,23 +214,47 @@ class Spec:
 
     @property
     def patches(self) -> Patches | None:
-        return self.embed.input if isinstance(self.embed.input, Patches) else None
+        """The image input, alone or beside tokens."""
+        i = self.embed.input
+        if isinstance(i, tuple):
+            return next(p for p in i if isinstance(p, Patches))
+        return i if isinstance(i, Patches) else None
+
+    @property
+    def reads_tokens(self) -> bool:
+        i = self.embed.input
+        return i == "tokens" or (isinstance(i, tuple) and "tokens" in i)
+
+    @property
+    def multimodal(self) -> bool:
+        """Image patches and tokens in one sequence (in the order of `input`)."""
+        return isinstance(self.embed.input, tuple)
+
+    @property
+    def image_first(self) -> bool:
+        return self.multimodal and isinstance(self.embed.input[0], Patches)
+
+    @property
+    def image_len(self) -> int:
+        """Positions taken by the image: patches (+ class token); 0 without image input."""
+        p = self.patches
+        return p.count + int(p.cls) if p is not None else 0
 
     @property
     def seq_len(self) -> int | None:
-        """The number of positions the model sees at most (context, or patches + class token)."""
-        p = self.patches
-        if p is not None:
-            return p.count + int(p.cls)
-        return self.context
+        """The number of positions the model sees at most: image positions plus the text context."""
+        if not self.reads_tokens:
+            return self.image_len
+        return None if self.context is None else self.context + self.image_len
 
     @property
     def inputs(self) -> tuple[str, ...]:
         """Names of the forward inputs, as in Hugging Face and the ONNX file."""
-        if self.patches is not None:
+        if not self.reads_tokens:
             return ("pixel_values",)
         extra = ("token_type_ids",) if self.embed.segments else ()
-        return ("input_ids", "attention_mask") + extra + (("conditions",) if self.conditions else ())
+        image = ("pixel_values",) if self.multimodal else ()
+        return ("input_ids", "attention_mask") + extra + image + (("conditions",) if self.conditions else ())
 
     @property
     def output(self) -> str:

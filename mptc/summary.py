@@ -73,8 +73,9 @@ def summarize(src: S.Spec | fx.GraphModule) -> Summary:
         vd = "" if a.value_dim == a.head_dim else f", v {a.value_dim}"
         layers[i].desc = f"attn {kv}×{a.head_dim}{vd} {a.mask} · mlp {m.hidden} {m.activation}"
     p = spec.patches
-    embed.desc = (f"patches {p.image}/{p.patch}×{p.channels}" if p else f"tokens {spec.vocab}") + \
-        f" · {spec.embed.positions.kind}"
+    inputs = ([f"patches {p.image}/{p.patch}×{p.channels}"] if p else []) + \
+        ([f"tokens {spec.vocab}"] if spec.reads_tokens else [])
+    embed.desc = " + ".join(inputs) + f" · {spec.embed.positions.kind}"
     head.desc = spec.head.kind + (" tied" if spec.head.tied else "") + \
         (f" {spec.head.classes} classes" if spec.head.kind == "classify" else "")
     parts = [embed, *layers, head]

@@ -368,14 +368,20 @@ class GrowContext(Pass):
 
     def requires(self, model):
         spec = spec_of(model)
-        if spec.patches is not None:
+        if not spec.reads_tokens:
             raise PassError("grow_context applies to token models; an image model's length is set by its patches")
         _not_smaller(self.name, "context", spec.context or 0, self.context)
 
     def change(self, model):
         spec = spec_of(model)
-        maps = {"P": grow_map(spec.context, self.context)} if spec.embed.positions.kind == "learned" else {}
-        return Change(spec.replace(context=self.context), maps, init=self.init)
+        new = spec.replace(context=self.context)
+        learned = spec.embed.positions.kind == "learned"
+        if learned and spec.multimodal and not spec.image_first:
+            raise PassError("grow_context: the text comes before the image, so longer text would move the image's "
+                            "positions", hint="put the image first: input = [patches(…), tokens]")
+        # new position rows go at the end (after the image's, if any)
+        maps = {"P": grow_map(spec.seq_len, new.seq_len)} if learned else {}
+        return Change(new, maps, init=self.init)
 
 
 GROWTH: tuple[type[Pass], ...] = (GrowMLP, AddHeads, GrowHeadDim, GrowQK, GrowWidth, AddLayers, AddKVHeads, GrowVocab,

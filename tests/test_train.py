@@ -69,13 +69,12 @@ def test_schedule_warmup_then_cosine():
 
 
 def test_granularities_align_levels_at_the_top():
-    spec = mptc.load("tests/specs/nested-lm.mpt") if Path("tests/specs/nested-lm.mpt").is_file() else None
     g = granularities(mptc.parse(NESTED))
     assert list(g) == ["s", "m", "l", "xl"] and g["s"].mlp == (0.125, 0.125) and g["xl"].is_full
     assert list(granularities(mptc.parse(PLAIN))) == ["full"]
-    if spec is not None:  # MLP in four levels, heads in two: heads go whole only at xl
-        g = granularities(spec)
-        assert g["l"].heads == (0.5,) * 4 and g["xl"].heads == (1.0,) * 4
+    # MLP in four levels, heads in two (layer 1 only): the heads go whole only at xl
+    g = granularities(mptc.parse(NESTED.replace("bias = false }", "bias = false, nested = [none, [1/2, 1]] }", 1)))
+    assert g["s"].heads == g["l"].heads == (1.0, 0.5) and g["xl"].heads == (1.0, 1.0)
 
 
 def test_nested_sum_trains_every_granularity(tokens):
