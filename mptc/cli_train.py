@@ -38,7 +38,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--data", nargs="+", metavar="FILE", help="text files or directories, or `stdlib` (the Python "
                    "standard library's source); optional with --resume (the checkpoint's data)")
     for flag, (_, typ, text) in TRAIN_OPTIONS.items():
-        c.add_argument(flag, type=typ, help=text)
+        c.add_argument(flag, type=typ, metavar="N" if typ is int else "X", help=text)
     c.add_argument("--nested", choices=("sum", "sample"), help="MatFormer loss: sum over granularities each step "
                    "(default) or one sampled granularity per step")
     c.add_argument("--resume", metavar="DIR", help="go on from this checkpoint (an earlier OUT_DIR)")
@@ -49,8 +49,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("search", help="Mix'n'Match: per-layer MLP granularities under a size budget",
                        description="Pick per-layer MLP granularities of a nested model under a parameter or FLOP "
                        "budget: MatFormer's heuristic (the largest configuration whose granularity never decreases "
-                       "with depth) and, with --data, a measured search on held-out loss that keeps the Pareto front "
-                       "of size vs loss.")
+                       "with depth and steps up at most one level between layers) and, with --data, a measured "
+                       "search on held-out loss that keeps the Pareto front of size vs loss.")
     c.add_argument("spec", metavar="SRC", help="a trained nested model dir (or a spec: random weights)")
     c.add_argument("--budget", required=True, metavar="params=N|flops=N",
                    help="e.g. params=600K or flops=1.2M (forward FLOPs per token)")

@@ -45,7 +45,8 @@ def example_inputs(spec: S.Spec, batch: int = 2, seq: int = 8, seed: int = 0,
         out["token_type_ids"] = (torch.arange(seq) >= seq // 2).long().expand(batch, seq).contiguous()
     if spec.conditions:  # the side input: one vector per example
         out["conditions"] = torch.randn(batch, spec.conditions, generator=g)
-    return out | image
+    out |= image
+    return {k: out[k] for k in spec.inputs}  # in the order of the forward signature and the ONNX inputs
 
 
 def dynamic_shapes(spec: S.Spec) -> dict:

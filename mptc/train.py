@@ -153,6 +153,8 @@ def check_model(spec: S.Spec) -> None:
     if spec.patches is not None or spec.head.kind != "lm":
         raise MptcError(f"model '{spec.name}' is not a language model: mptc train trains `head lm` models on "
                         "byte-level text", hint="image models (e.g. examples/matvit.mpt) need an image trainer")
+    if getattr(spec, "conditions", None):
+        raise MptcError(f"model '{spec.name}' needs a side input (`conditions`), which byte-level text does not give")
     if spec.vocab is None or spec.vocab < BYTE_VOCAB:
         raise MptcError(f"byte-level data needs vocab ≥ {BYTE_VOCAB}, model '{spec.name}' has {spec.vocab}")
 
