@@ -250,31 +250,14 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
     for i, layer in enumerate(spec.layers):
         b.layer = i
         a = layer.attention
-        pre = layer.placement == "pre"
-
-        h = b.norm(x, layer.norm, f"layers.{i}.attn_norm", "norm.attn") if pre else x
+        mod = None
         if layer.modulate:  # per token type: h ⊙ scale[type] + shift[type], on both sublayers' inputs
-            mod = (b.param(f"layers.{i}.modulate.scale", (("T",), ("D",)), "modulate", "ones", ("in", "scale")),
+            mod = (type_ids,
+                   b.param(f"layers.{i}.modulate.scale", (("T",), ("D",)), "modulate", "ones", ("in", "scale")),
                    b.param(f"layers.{i}.modulate.shift", (("T",), ("D",)), "modulate", "zeros", ("in", "out")))
-            h = b.call(ops.modulate, h, type_ids, *mod, role="modulate")
-        att = _attention(b, i, a, h, bsz, seq, masks[a.mask, a.window or 0], rope.get(a.rotary))
-        att = b.dropout(att, layer.dropout, f"layers.{i}.attn_dropout", "attn.dropout")
-        if layer.skippable:
-            att = b.nest(att, "skip")
-        x = b.call(operator.add, x, att, role="residual.attn")
-        if not pre:
-            x = b.norm(x, layer.norm, f"layers.{i}.attn_norm", "norm.attn")
-
-        h = b.norm(x, layer.norm, f"layers.{i}.mlp_norm", "norm.mlp") if pre else x
-        if layer.modulate:
-            h = b.call(ops.modulate, h, type_ids, *mod, role="modulate")
-        m = _mlp(b, i, layer.mlp, h)
-        m = b.dropout(m, layer.dropout, f"layers.{i}.mlp_dropout", "mlp.dropout")
-        if layer.skippable:
-            m = b.nest(m, "skip")
-        x = b.call(operator.add, x, m, role="residual.mlp")
-        if not pre:
-            x = b.norm(x, layer.norm, f"layers.{i}.mlp_norm", "norm.mlp")
+        x = _sublayer(b, x, i, layer, "attn", mod, lambda h, i=i, a=a: _attention(
+            b, i, a, h, bsz, seq, masks[a.mask, a.window or 0], rope.get(a.rotary)))
+        x = _sublayer(b, x, i, layer, "mlp", mod, lambda h, i=i, m=layer.mlp: _mlp(b, i, m, h))
     b.layer = None
 
     # --- head ---
@@ -303,6 +286,21 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
         x = b.linear(x, "head.out", ("C",), ("D",), hd.bias, "head.out")  # (B, C)
     b._tag(g.output(x), NodeInfo("output"))
     return Lowered(g, b.root, b.params)
+
+
+def _sublayer(b: _Builder, x: fx.Node, i: int, layer: S.Layer, kind: str, mod: tuple | None, compute) -> fx.Node:
+    """One residual sublayer (kind attn or mlp): norm (pre or post), type modulation, the branch,
+    dropout, MatFormer skip, residual add. x: (B, T, D)."""
+    norm = f"layers.{i}.{kind}_norm"
+    pre = layer.placement == "pre"
+    h = b.norm(x, layer.norm, norm, f"norm.{kind}") if pre else x
+    if mod is not None:
+        h = b.call(ops.modulate, h, *mod, role="modulate")
+    y = b.dropout(compute(h), layer.dropout, f"layers.{i}.{kind}_dropout", f"{kind}.dropout")
+    if layer.skippable:
+        y = b.nest(y, "skip")
+    x = b.call(operator.add, x, y, role=f"residual.{kind}")
+    return x if pre else b.norm(x, layer.norm, norm, f"norm.{kind}")
 
 
 def _token_embedding(b: _Builder, spec: S.Spec, ids: fx.Node, cond: fx.Node | None
