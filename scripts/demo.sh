@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a shipped example: check and summarise a spec, compile it to a model dir,
 # grow it with verified function-preserving passes, compare the grown model with the
-# original, export the grown model to ONNX and run it in ONNX Runtime against PyTorch.
+# original, export the grown model to ONNX and run it in ONNX Runtime against PyTorch; then
+# extract a sub-network of the nested example examples/matlm.mpt and run its ONNX file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -17,3 +18,9 @@ mptc grow "$OUT" -p "grow_mlp(factor = 1.5)" -p "add_layers(n = 2, at = 6)" -o "
 mptc verify "$OUT" "$OUT-grown"
 mptc compile "$OUT-grown" -o "$OUT-grown.onnx"
 mptc run "$OUT-grown" --random 2 --onnx "$OUT-grown.onnx" --compare
+# MatFormer: cut a Mix'n'Match sub-network out of a nested example (verified against the
+# parent run at that granularity) and run its ONNX file in ONNX Runtime.
+mptc compile examples/matlm.mpt -o out/matlm --seed 0
+mptc extract out/matlm --mix "s,m,l,xl" --drop-layers 2 -o out/matlm-mix
+mptc compile out/matlm-mix -o out/matlm-mix.onnx
+mptc run out/matlm-mix --random 2 --onnx out/matlm-mix.onnx --compare
