@@ -7,6 +7,7 @@ op tables) are not in the timed export of either side.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -19,12 +20,12 @@ def setup_mptc_export(mptc_dir: str, family: str, out: str, scratch: str, warm: 
 
     import mptc
 
-    from .models import spec_text
+    from .models import load_mptc, spec_text
 
     if warm:
         toy = mptc.build(mptc.parse(spec_text(family, toy=True)), seed=0)
         mptc.export_onnx(toy, os.path.join(scratch, "warm.onnx"))
-    model = mptc.load_model(mptc_dir).eval()
+    model = load_mptc(mptc_dir)
 
     def op():
         t0 = time.perf_counter()
@@ -84,7 +85,7 @@ def setup_hf_export(hf_dir: str, family: str, out: str, scratch: str, warm: bool
 
 def run(ctx: Ctx) -> dict:
     rows = []
-    for fam in ctx.mode.families:
+    for fam in ctx.mode.export_families:
         prep = ctx.models[fam]
         scratch = ctx.root / f"export-{fam}"
         scratch.mkdir(exist_ok=True)
@@ -100,7 +101,7 @@ def run(ctx: Ctx) -> dict:
         start_all(list(workers.values()))
         try:
             st = interleave({k: (w, "export") for k, w in workers.items()}, warmup=0, reps=ctx.mode.export_reps,
-                            min_reps=1, quiet_s=ctx.mode.quiet_s, say=ctx.say)
+                            **ctx.limits(math.inf, 1))
         finally:
             close_all(list(workers.values()))
         if st["mptc"].times:

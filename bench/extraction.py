@@ -58,10 +58,10 @@ def run(ctx: Ctx) -> dict:
                    batch=b, seq=t)
     ctx.say(f"  nested GPT-2: extracting {', '.join(LEVELS)}; forward {b}×{t}")
     start_all([w])
-    names = ["full", *LEVELS, *(f"in-place {g}" for g in LEVELS), "plain"]
+    names = ["full", *LEVELS, *(f"in-place {g}" for g in LEVELS if ctx.mode.extract_inplace), "plain"]
     try:
         st = interleave({k: (w, k) for k in names}, warmup=1, reps=ctx.mode.extract_reps,
-                        budget_s=ctx.mode.extract_budget_s, quiet_s=ctx.mode.quiet_s, say=ctx.say)
+                        **ctx.limits(ctx.mode.extract_budget_s, 3))
     finally:
         close_all([w])
     if not w.ok:

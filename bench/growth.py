@@ -25,11 +25,12 @@ def setup_passes(mptc_dir: str, calls: list[str], scratch: str):
 
     from safetensors.torch import load_file, save_file
 
-    import mptc
     from mptc import passes as P
     from mptc.passes.parse import parse_passes
 
-    model = mptc.load_model(mptc_dir).eval()
+    from .models import load_mptc
+
+    model = load_mptc(mptc_dir)
     ckpt = os.path.join(mptc_dir, "weights.safetensors")
     copy = os.path.join(scratch, "copy.safetensors")
 
@@ -62,8 +63,7 @@ def run(ctx: Ctx) -> dict:
         start_all([w])
         try:
             st = interleave({c: (w, c) for c in ["load+save", *cs]}, warmup=ctx.mode.pass_warmup,
-                            reps=ctx.mode.pass_reps, budget_s=ctx.mode.pass_budget_s, min_reps=1,
-                            quiet_s=ctx.mode.quiet_s, say=ctx.say)
+                            reps=ctx.mode.pass_reps, **ctx.limits(ctx.mode.pass_budget_s, 1))
         finally:
             close_all([w])
         base = st["load+save"]

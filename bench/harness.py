@@ -90,6 +90,19 @@ def measure(op: Op, collect: bool = True) -> dict:
     return {"seconds": dt, "peak": max(0, peak), "hwm": hwm, "info": info}
 
 
+def setup_probe(mib: int = 64):
+    """A worker with one op that allocates and fills `mib` MiB: checks the harness and its memory
+    measurement without loading torch (the smoke test uses it)."""
+    if mib < 0:
+        raise ValueError(f"cannot allocate {mib} MiB")
+
+    def op():
+        buf = bytearray(mib * MiB)  # zero-filled: every page is touched
+        return {"bytes": len(buf)}
+
+    return {"alloc": op}, {"pid": os.getpid()}
+
+
 # --- the worker side ----------------------------------------------------------------------------
 
 
@@ -250,9 +263,11 @@ def busy(window: float = 0.1) -> float | None:
     return (b[0] - a[0]) / (b[1] - a[1])
 
 
-def wait_quiet(max_wait: float, threshold: float = 0.25) -> float | None:
+def wait_quiet(max_wait: float | None, threshold: float = 0.25) -> float | None:
     """Wait (at most `max_wait` s) until other processes use less than `threshold` of the machine;
-    return the busy fraction when the op may start."""
+    return the busy fraction when the op may start. `None`: do not look (no pause either)."""
+    if max_wait is None:
+        return None
     t0 = time.perf_counter()
     while True:
         b = busy()
@@ -305,12 +320,15 @@ def ratio(a: Stats, b: Stats) -> float:
 
 
 def interleave(cands: dict[str, tuple[Worker, str]], warmup: int = 1, reps: int = 3, budget_s: float | None = None,
-               min_reps: int = 2, quiet_s: float = 0.0, say: Callable[[str], None] | None = None) -> dict[str, Stats]:
+               min_reps: int = 2, quiet_s: float = 0.0, stop_at: float | None = None, hard_stop: float | None = None,
+               say: Callable[[str], None] | None = None) -> dict[str, Stats]:
     """Run every candidate (a worker and one of its ops) in rounds, rotating the order each round.
 
     `warmup` rounds are discarded (kept in `Stats.warmup`). After `min_reps` timed rounds, no new
-    round starts once `budget_s` has passed. Before each op, wait up to `quiet_s` for other processes
-    to leave the CPUs (and at least 0.1 s, which also lets the previous op's spinning threads go idle).
+    round starts once `budget_s` has passed or the clock (`time.perf_counter`) is past `stop_at`;
+    past `hard_stop`, none starts after the first timed round. Before each op, wait up to `quiet_s`
+    for other processes to leave the CPUs (at least 0.1 s, which also lets the previous op's spinning
+    threads go idle), spending at most a tenth of the elapsed time on waiting.
     A candidate whose op fails keeps its error and is dropped from later rounds.
     """
     stats = {k: Stats(k) for k in cands}
@@ -319,15 +337,22 @@ def interleave(cands: dict[str, tuple[Worker, str]], warmup: int = 1, reps: int 
             stats[k].error = _last_line(w.error)
     names = [k for k in cands if stats[k].error is None]
     t0 = time.perf_counter()
+    waited = 0.0
     for r in range(warmup + reps):
-        if r >= warmup + min_reps and budget_s is not None and time.perf_counter() - t0 > budget_s:
+        now, timed = time.perf_counter(), r - warmup
+        if timed >= 1 and hard_stop is not None and now > hard_stop:
+            break
+        if timed >= min_reps and ((budget_s is not None and now - t0 > budget_s) or
+                                  (stop_at is not None and now > stop_at)):
             break
         order = names[r % len(names):] + names[: r % len(names)] if names else []
         for k in order:
             if stats[k].error:
                 continue
             w, op = cands[k]
-            b = wait_quiet(quiet_s)
+            tw = time.perf_counter()
+            b = wait_quiet(None if not quiet_s else quiet_s if waited < 0.1 * (tw - t0) else 0.0)
+            waited += time.perf_counter() - tw
             try:
                 res = w.run(op)
             except WorkerError as e:

@@ -32,9 +32,9 @@ def _inputs(vocab: int, shapes, seed: int = 0):
 def setup_mptc(mptc_dir: str, shapes, vocab: int):
     import torch
 
-    import mptc
+    from .models import load_mptc
 
-    model = mptc.load_model(mptc_dir).eval()
+    model = load_mptc(mptc_dir)
 
     def run(ids, mask):
         def op():
@@ -61,7 +61,7 @@ def setup_hf(hf_dir: str, attn: str, shapes, vocab: int):
     return {k: run(*v) for k, v in _inputs(vocab, shapes).items()}, {"attn": model.config._attn_implementation}
 
 
-def setup_ort(onnx_path: str, mptc_dir: str, shapes, vocab: int):
+def setup_ort(onnx_path: str, mptc_dir: str, shapes, vocab: int, ort_threads: int | None = None):
     import os
 
     import onnxruntime as ort
@@ -72,6 +72,9 @@ def setup_ort(onnx_path: str, mptc_dir: str, shapes, vocab: int):
         mptc.export_onnx(mptc.load_model(mptc_dir), onnx_path, check=False)
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if ort_threads:  # as many as torch gets (ONNX Runtime's default: one per physical core)
+        so.intra_op_num_threads = ort_threads
+        so.inter_op_num_threads = 1
     sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
 
     def run(ids, mask):
@@ -81,10 +84,10 @@ def setup_ort(onnx_path: str, mptc_dir: str, shapes, vocab: int):
             sess.run(None, feed)
         return op
 
-    return {k: run(*v) for k, v in _inputs(vocab, shapes).items()}, {"onnxruntime": ort.__version__}
+    return {k: run(*v) for k, v in _inputs(vocab, shapes).items()}, {"threads": ort_threads or os.cpu_count()}
 
 
-def setup_matmul(n: int, times: int = 3):
+def setup_matmul(n: int, times: int = 1):
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -106,7 +109,8 @@ def run(ctx: Ctx) -> dict:
     mode = ctx.mode
     shapes = list(mode.shapes)
     out = {"rows": [], "matmul": {}}
-    peak = ctx.worker("matmul", "bench.inference:setup_matmul", n=mode.matmul_n).start().wait()
+    peak = ctx.worker("matmul", "bench.inference:setup_matmul", n=mode.matmul_n, times=1 if mode.matmul_n >= 3072 else 3
+                      ).start().wait()
     peak_runs = []
     for fam in mode.families:
         prep = ctx.models[fam]
@@ -120,7 +124,7 @@ def run(ctx: Ctx) -> dict:
             "hf_sdpa": ctx.worker(f"{fam}/hf_sdpa", "bench.inference:setup_hf", hf_dir=prep.hf_dir, attn="sdpa",
                                   **common),
             "ort": ctx.worker(f"{fam}/ort", "bench.inference:setup_ort", onnx_path=onnx_path,
-                              mptc_dir=prep.mptc_dir, **common),
+                              mptc_dir=prep.mptc_dir, ort_threads=mode.threads, **common),
         }
         ctx.say(f"  {prep.title}: starting {len(workers)} workers")
         start_all(list(workers.values()))
@@ -135,8 +139,7 @@ def run(ctx: Ctx) -> dict:
                 cands["matmul"] = (peak, "matmul")
                 t0 = time.perf_counter()
                 st = interleave(cands, warmup=mode.inf_warmup if i == 0 else 0, reps=mode.inf_reps,
-                                budget_s=mode.inf_budget_s, min_reps=mode.inf_min_reps, quiet_s=mode.quiet_s,
-                                say=ctx.say)
+                                **ctx.limits(mode.inf_budget_s, mode.inf_min_reps))
                 peak_runs.extend(st.pop("matmul").times)
                 fl = flops(spec, b, t)
                 for name in CANDIDATES:

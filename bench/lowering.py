@@ -72,7 +72,7 @@ def run(ctx: Ctx) -> dict:
         cands[f"mptc L{n}"] = (mw, f"L{n}")
         cands[f"hf L{n}"] = (hw, f"L{n}")
     try:
-        st = interleave(cands, warmup=1, reps=ctx.mode.lower_reps, budget_s=60, quiet_s=min(ctx.mode.quiet_s, 0.5))
+        st = interleave(cands, warmup=1, reps=ctx.mode.lower_reps, **ctx.limits(20, 3))
     finally:
         close_all([mw, hw])
     rows = []

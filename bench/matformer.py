@@ -31,6 +31,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# run as a script, bench/ leads sys.path, and its modules (bench/profile.py) would shadow the standard library's
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 class Lines:
@@ -62,6 +64,34 @@ def _setup(threads: int):
     return read_bytes(stdlib_files())
 
 
+def window_losses(model, batches, choice=None) -> list[float]:
+    """Held-out loss of each window (mean over its positions); their mean is `evaluate(model, batches, choice)`."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    from mptc.train import as_choice
+
+    out: list[float] = []
+    with torch.no_grad(), as_choice(model.eval(), choice):
+        for x in batches:  # (B, T + 1)
+            logits = model(input_ids=x[:, :-1])  # (B, T, V)
+            ce = F.cross_entropy(logits.transpose(1, 2).float(), x[:, 1:], reduction="none")  # (B, T)
+            out += ce.mean(1).tolist()
+    return out
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """Mean of a - b over the same windows and its standard error (windows taken as independent)."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    return {"mean": mean, "se": (var / len(d)) ** 0.5, "windows": len(d)}
+
+
 def train_job(job: str, args: dict, t0: float) -> dict:
     """Worker: train the joint model ("joint") or the four independent ones ("independent"); final evals."""
     import mptc
@@ -84,15 +114,16 @@ def train_job(job: str, args: dict, t0: float) -> dict:
         log = trainer.run(out=Path(args["work"]) / name, console=log_to)
         seconds = time.time() - start
         final = eval_batches(trainer.val_tokens, args["final_batches"], config.batch, trainer.seq)
+        probe = eval_batches(trainer.val_tokens, args["search_batches"], config.batch, trainer.seq)
         run = {"spec": str(sp), "params": mptc.summarize(sp).params, "train_seconds": round(seconds, 1),
                "curve": [{"step": e["step"], **e["losses"]} for e in log["eval"]],
                "train_loss_last100": {g: sum(e["losses"][g] for e in log["train"][-100:] if g in e["losses"]) /
                                       max(1, sum(g in e["losses"] for e in log["train"][-100:]))
                                       for g in trainer.grans}}
-        if name == "joint":
-            run["final"] = {g: evaluate(model, final, ch) for g, ch in trainer.grans.items()}
-        else:
-            run["final"] = {"full": evaluate(model, final)}
+        grans = trainer.grans.items() if name == "joint" else [("full", None)]
+        run["final_windows"] = {g: window_losses(model, final, ch) for g, ch in grans}
+        run["final"] = {g: sum(w) / len(w) for g, w in run["final_windows"].items()}
+        run["search_set"] = {g: evaluate(model, probe, ch) for g, ch in grans}
         log_to.print(f"final held-out loss {run['final']} ({seconds:.0f} s training)")
         out["runs"][name] = run
     return out
@@ -179,6 +210,26 @@ def plot_curves(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def render(results: dict, out: Path) -> None:
+    """front.png and curves.png from results.json: every configuration, the front, the uniform sub-models, the
+    independent models, and the two picks under the middle budget (between m and l)."""
+    from mptc import search as M
+
+    mm = results["mix_n_match"]
+    points = [M.Point(**{**q, "mlp": tuple(q["mlp"])}) for q in mm["points"]]
+    n = len(points[0].mlp)
+    by_mix = {q.mix: q for q in points}
+    uniform = {g: by_mix[",".join([g] * n)] for g in results["granularities"]}
+    mid = mm["picks"][len(mm["picks"]) // 2]
+    result = M.SearchResult(M.Budget("params", mid["params_limit"]), "all", points, by_mix[mid["heuristic"]["mix"]],
+                            by_mix[mid["best"]["mix"]], M.pareto(points, "params"), uniform, uniform.get("xl"))
+    table = results["granularities"]
+    extra = {"independent (trained alone)": [(r["params"], r["independent_search_set"]) for r in table.values()]}
+    M.plot(result, out / "front.png", extra=extra,
+           title=f"Mix'n'Match front ({len(points)} configurations) vs independent models")
+    plot_curves(results, out / "curves.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--spec", default=str(ROOT / "examples/matlm.mpt"))
@@ -190,12 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation during training")
     p.add_argument("--final-batches", type=int, default=48, help="held-out batches for the final comparison")
-    p.add_argument("--search-batches", type=int, default=6, help="held-out batches per Mix'n'Match configuration")
+    p.add_argument("--search-batches", type=int, default=12, help="held-out batches per Mix'n'Match configuration")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
     p.add_argument("--out", default=str(ROOT / "docs/matformer"))
     p.add_argument("--work", default=str(ROOT / "out/matformer-bench"), help="checkpoints")
+    p.add_argument("--plot-only", action="store_true", help="redraw the plots from OUT/results.json")
     a = p.parse_args(argv)
+    if a.plot_only:
+        render(json.loads((Path(a.out) / "results.json").read_text()), Path(a.out))
+        return 0
 
     import mptc
     from mptc import search as M
@@ -235,6 +290,25 @@ def main(argv: list[str] | None = None) -> int:
     result = M.SearchResult(everything, "all", points, M.heuristic_pick(points, everything),
                             min(points, key=lambda q: q.loss), M.pareto(points, "params"), uniform, whole)
 
+    import torch
+
+    from mptc.data import split_tokens
+    from mptc.nested import Choice
+    from mptc.train import eval_batches
+
+    torch.set_num_threads(2)
+    joint = mptc.load_model(Path(a.work) / "joint").eval()
+    val = split_tokens(_setup(2), config.held_out)[1]
+    probe = eval_batches(val, a.search_batches, a.batch, a.seq)  # the windows the search chose on
+    final = eval_batches(val, a.final_batches, a.batch, a.seq)  # other windows: no selection bias
+    per_window: dict = {}
+
+    def windows_of(q, batches=probe) -> list[float]:
+        key = (q.mix, len(batches))
+        if key not in per_window:
+            per_window[key] = window_losses(joint, batches, Choice(q.mlp, (1.0,) * spec.n_layers))
+        return per_window[key]
+
     picks = []
     u = {g: q.params for g, q in uniform.items()}
     for label, limit in (("between s and m", (u["s"] + u["m"]) // 2), ("between m and l", (u["m"] + u["l"]) // 2),
@@ -244,13 +318,25 @@ def main(argv: list[str] | None = None) -> int:
         h, best = M.heuristic_pick(points, b), min(under, key=lambda q: q.loss)
         below = max((q for q in uniform.values() if q.params <= limit), key=lambda q: q.params)
         picks.append({"budget": label, "params_limit": limit, "heuristic": asdict(h), "best": asdict(best),
-                      "uniform_below": asdict(below), "candidates": len(under)})
+                      "uniform_below": asdict(below), "candidates": len(under),
+                      "heuristic_minus_best": paired(windows_of(h), windows_of(best)),
+                      "uniform_below_minus_heuristic": paired(windows_of(below), windows_of(h)),
+                      "on_final_windows": {  # re-measured where the search did not choose
+                          "heuristic": mean(windows_of(h, final)),
+                          "best": mean(windows_of(best, final)),
+                          "uniform_below": mean(windows_of(below, final)),
+                          "heuristic_minus_best": paired(windows_of(h, final), windows_of(best, final)),
+                          "uniform_below_minus_heuristic": paired(windows_of(below, final), windows_of(h, final))}})
 
     table = {}
     for g, q in uniform.items():
         j, i = runs["joint"]["final"][g], runs[g]["final"]["full"]
         table[g] = {"params": q.params, "flops_per_token": q.flops, "joint_extracted": j, "independent": i,
-                    "delta": j - i, "independent_params": runs[g]["params"]}
+                    "delta": j - i, "delta_paired": paired(runs["joint"]["final_windows"][g],
+                                                           runs[g]["final_windows"]["full"]),
+                    "independent_params": runs[g]["params"],
+                    "joint_search_set": runs["joint"]["search_set"][g], "independent_search_set":
+                    runs[g]["search_set"]["full"]}
     results = {
         "command": " ".join([".venv/bin/python", "bench/matformer.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(), "config": asdict(config), "spec": str(spec),
@@ -259,20 +345,24 @@ def main(argv: list[str] | None = None) -> int:
         "granularities": table, "extraction": extraction,
         "mix_n_match": {"configurations": len(points), "front": [asdict(q) for q in result.front], "picks": picks,
                         "points": [asdict(q) for q in points]},
-        "runs": {k: {kk: vv for kk, vv in v.items() if kk != "spec"} for k, v in runs.items()},
+        "runs": {k: {kk: vv for kk, vv in v.items() if kk not in ("spec", "final_windows")} for k, v in runs.items()},
         "seconds": {"training": round(t_train, 1), "total": None},
     }
-    extra = {"independent (trained alone)": [(table[g]["params"], table[g]["independent"]) for g in table]}
-    M.plot(result, out / "front.png", extra=extra,
-           title=f"{spec.name}: Mix'n'Match front ({len(points)} configurations) vs independent models")
-    plot_curves(results, out / "curves.png")
+    for g, q in uniform.items():  # the search re-measures the uniform sub-models on its own windows
+        assert abs(q.loss - runs["joint"]["search_set"][g]) < 1e-5, (g, q.loss, runs["joint"]["search_set"][g])
+    render(results, out)
     results["seconds"]["total"] = round(time.time() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     lines = Lines("main", t0)
-    lines.print(f"{'':4} {'params':>9} {'joint':>8} {'indep':>8} {'delta':>8}")
+    lines.print(f"{'':4} {'params':>9} {'joint':>8} {'indep':>8} {'delta':>8} {'± se':>7}")
     for g, r in table.items():
         lines.print(f"{g:4} {r['params']:>9,} {r['joint_extracted']:>8.4f} {r['independent']:>8.4f} "
-                    f"{r['delta']:>+8.4f}")
+                    f"{r['delta']:>+8.4f} {r['delta_paired']['se']:>7.4f}")
+    for pk in picks:
+        d, f = pk["heuristic_minus_best"], pk["on_final_windows"]["heuristic_minus_best"]
+        lines.print(f"budget {pk['budget']}: heuristic {pk['heuristic']['mix']} {pk['heuristic']['loss']:.4f}, best "
+                    f"{pk['best']['mix']} {pk['best']['loss']:.4f} (difference {d['mean']:+.4f} ± {d['se']:.4f}; on "
+                    f"the final windows {f['mean']:+.4f} ± {f['se']:.4f})")
     lines.print(f"front: {len(result.front)} of {len(points)} configurations; wrote {out}/results.json, front.png, "
                 f"curves.png in {results['seconds']['total']:.0f} s")
     return 0

@@ -137,10 +137,25 @@ def hf_state(spec: S.Spec, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
+def touch(model):
+    """Read every weight once. Loaders map safetensors files lazily, so a model's first forward pass
+    would otherwise fault its weights in and count them as that pass's memory."""
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            if t.device.type != "meta":
+                t.sum()
+    return model
+
+
 def load_hf(path: str | Path, attn: str):
     import transformers as T
 
-    return T.AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attn, dtype=torch.float32).eval()
+    m = T.AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attn, dtype=torch.float32).eval()
+    return touch(m)
+
+
+def load_mptc(path: str | Path):
+    return touch(mptc.load_model(path).eval())
 
 
 # --- checkpoints shared by the workers -------------------------------------------------------------------

@@ -146,14 +146,17 @@ def markdown(res: dict) -> str:
         out += ["**toy mode** (the smoke test): toy-size models; the numbers mean nothing.", ""]
     out += ["## Machine", ""]
     out += _table(["", ""], [
-        ["CPU", f"{m['cpu']} ({', '.join(m['isa'])})"], ["cores", f"{m['cores']} ({m['usable_cores']} usable), "
-                                                                 f"torch threads {m['torch_threads']}"],
+        ["CPU", f"{m['cpu']} ({', '.join(m['isa'])})"], ["cores", f"{m['cores']} ({m['usable_cores']} usable)"],
         ["memory", f"{m['memory_gib']} GiB"], ["GPU", m["gpu"]], ["OS", m["os"]],
         ["versions", f"Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
                      f"transformers {m['transformers']}, onnx {m['onnx']}, onnxscript {m['onnxscript']}, "
                      f"numpy {m['numpy']}, mptc {m['mptc']} ({m['commit']})"],
+        ["threads", f"{res.get('threads', m['torch_threads'])} per candidate (torch and ONNX Runtime)"],
         ["load average", f"{res['load'][0]} at the start, {res['load'][1]} at the end (1-minute, "
                          f"{m['cores']} cores; other jobs shared the machine)"],
+        *([["other processes", f"used {c['median']:.0%} of the CPUs (median) as timed ops began; "
+                                f"{c['busy_share']:.0%} of {c['ops']} ops began with more than a quarter in use"]]
+          if (c := res.get("contention")) else []),
     ])
     out += ["", "## Targets", ""]
     out += _table(["target", "case", "measured", "target", "result"], [
@@ -162,7 +165,7 @@ def markdown(res: dict) -> str:
          ("✅ " if t["met"] else "" if t["met"] is None else "❌ ") + t["note"]] for t in res["targets"]])
     n_met = sum(1 for t in res["targets"] if t["met"])
     out += ["", f"{n_met} of {len(res['targets'])} met."]
-    out += _inference(res.get("inference"))
+    out += _inference(res.get("inference"), res.get("models", {}))
     out += _export(res.get("export"))
     out += _lowering(res.get("lowering"))
     out += _growth(res.get("growth"))
@@ -171,16 +174,17 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _inference(inf: dict | None) -> list[str]:
+def _inference(inf: dict | None, models: dict) -> list[str]:
     if not inf:
         return []
     mm = inf.get("matmul") or {}
+    parity = ", ".join(f"{m['title']} {m['parity_max_abs']:.1e}" for m in models.values())
     out = ["", "## Inference", "",
          "Forward pass of the whole language model (logits for every position), `torch.inference_mode()`, "
          "input ids with an all-ones `attention_mask`; transformers with `use_cache=False`. Same weights on "
-         "every side (logits agree, see `parity` in the JSON). GFLOP/s counts the matmul FLOPs of "
-         "`mptc summary` with attention at the actual length (no causal halving), against the float32 peak "
-         f"of `torch.matmul` on {mm.get('n', '?')}² matrices measured in the same rounds: "
+         f"every side (largest logit difference, mptc against transformers eager: {parity}). GFLOP/s counts the "
+         "matmul FLOPs of `mptc summary` with attention at the actual length (no causal halving), against the "
+         f"float32 peak of `torch.matmul` on {mm.get('n', '?')}² matrices measured in the same rounds: "
          f"**{_f(mm.get('peak_gflops'), 1)} GFLOP/s** (best of {mm.get('runs', 0)}; median "
          f"{_f(mm.get('median_gflops'), 1)}).", ""]
     rows = []
@@ -301,6 +305,9 @@ def _method(res: dict) -> list[str]:
             "included.",
             "- The two models are `examples/gpt2-small.mpt` and `examples/llama-style.mpt`; the transformers "
             "side loads the same tensors through `from_pretrained` (bench/models.py maps the names).",
-            f"- Raw data: `{res.get('json_name', 'docs/benchmarks.json')}`. Re-run: `python -m bench` (about "
-            "15 minutes on 2 cores) or `python -m bench --quick` (under 3 minutes, 4-layer models). Profile a "
-            "gap: `python -m bench.profile`."]
+            "- Threads: torch and ONNX Runtime get the same number of threads (default one per core). When other "
+            "jobs hold a core, torch's threads stall waiting for each other (a 2-thread forward pass can take "
+            "2–3× longer than a 1-thread one), so on a busy machine `--threads 1` gives steadier ratios.",
+            f"- Raw data: `{res.get('json_name', 'docs/benchmarks.json')}`. Re-run: `python -m bench` (under 15 "
+            "minutes on 2 cores; suites shrink their repetitions when the run falls behind) or "
+            "`python -m bench --quick` (under 3 minutes, 2-layer models). Profile a gap: `python -m bench.profile`."]

@@ -35,6 +35,27 @@ def _load() -> float | None:
         return None
 
 
+def contention(res: dict) -> dict:
+    """How busy other processes kept the CPUs as timed ops began (0 = idle, 1 = every core)."""
+    vals = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            vals.extend(x.get("busy_at_start") or [])
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk({k: v for k, v in res.items() if k in SUITES})
+    if not vals:
+        return {}
+    vals.sort()
+    return {"ops": len(vals), "median": vals[len(vals) // 2], "busy_share": round(sum(v > 0.25 for v in vals)
+                                                                               / len(vals), 3)}
+
+
 def run(mode: Mode, out: str | os.PathLike = "docs", only: list[str] | None = None, keep: bool = False,
         command: str = "python -m bench", say: Callable[[str], None] | None = None) -> dict:
     import torch
@@ -45,13 +66,14 @@ def run(mode: Mode, out: str | os.PathLike = "docs", only: list[str] | None = No
         torch.set_num_threads(mode.threads)
     t_start = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="mptc-bench-"))
-    ctx = Ctx(mode, root, say)
+    ctx = Ctx(mode, root, say, deadline=t_start + mode.time_limit_s)
     res: dict = {"command": command, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                  "mode": asdict(mode), "machine": machine(), "load_start": _load()}
     say(f"mptc benchmarks, {mode.name} mode; scratch {root}; load average {res['load_start']}")
     try:
         names = [n for n in SUITES if not only or n in only]
         if any(n != "lowering" for n in names):
+            ctx.plan("prepare", ["prepare", *names])
             t0 = time.perf_counter()
             for fam in FAMILIES:
                 ctx.models[fam] = prepare(fam, root, toy=mode.toy, layers=mode.layers)
@@ -60,9 +82,11 @@ def run(mode: Mode, out: str | os.PathLike = "docs", only: list[str] | None = No
             say(f"prepared checkpoints in {time.perf_counter() - t0:.0f} s (parity "
                 + ", ".join(f"{f} {p.parity:.1e}" for f, p in ctx.models.items()) + ")")
         seconds = {}
-        for name in names:
+        for i, name in enumerate(names):
             t0 = time.perf_counter()
-            say(f"[{name}] load average {_load()}")
+            ctx.plan(name, names[i:])
+            say(f"[{name}] load average {_load()}" + (f"; behind plan, budgets × {ctx.scale:.2f}" if ctx.scale < 1
+                                                      else ""))
             res[name] = SUITES[name](ctx)
             seconds[name] = round(time.perf_counter() - t0, 1)
             say(f"[{name}] {seconds[name]:.0f} s")
@@ -72,6 +96,8 @@ def run(mode: Mode, out: str | os.PathLike = "docs", only: list[str] | None = No
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
     res["load"] = [res.pop("load_start"), _load()]
+    res["threads"] = mode.threads or os.cpu_count()
+    res["contention"] = contention(res)
     res["total_s"] = round(time.perf_counter() - t_start, 1)
     res["targets"] = targets(res)
     out = Path(out)

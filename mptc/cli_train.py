@@ -183,7 +183,7 @@ def cmd_search(args) -> int:
         batches = eval_batches(val, args.eval_batches, args.batch, seq)
     elif args.plot:
         raise MptcError("--plot needs held-out losses", hint="pass --data FILES… (or search a trained checkpoint)")
-    if not Path(args.spec).is_dir():
+    if batches is not None and not Path(args.spec).is_dir():
         console.print("[yellow]note: SRC is a spec, so its weights are random; search a trained model dir[/]")
 
     from rich.progress import Progress

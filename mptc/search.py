@@ -242,7 +242,8 @@ def table(result: SearchResult):
     from rich.table import Table
 
     m = result.budget.metric
-    t = Table(title=f"Mix'n'Match Pareto front, {result.budget} ({len(result.points)} candidates, {result.family})",
+    what = "Pareto front" if result.front else "heuristic pick (no held-out data: no front)"
+    t = Table(title=f"Mix'n'Match {what}, {result.budget} ({len(result.points)} candidates, {result.family})",
               title_justify="left")
     for col, just in (("mix (per layer)", "left"), ("params", "right"), ("FLOPs/token", "right"),
                       ("held-out loss", "right"), ("shape", "left"), ("", "left")):
@@ -253,7 +254,7 @@ def table(result: SearchResult):
     for p in rows:
         marks = [s for s, ok in (("heuristic", p.mix == result.heuristic.mix),
                                  ("best", result.best is not None and p.mix == result.best.mix),
-                                 ("off front", p not in result.front)) if ok]
+                                 ("off front", bool(result.front) and p not in result.front)) if ok]
         shape = "slow" if p.slow else "monotone" if p.monotone else "-"
         t.add_row(p.mix, f"{p.params:,}", f"{p.flops:,}", "-" if p.loss is None else f"{p.loss:.4f}", shape,
                   ", ".join(marks))

@@ -1,24 +1,26 @@
 """Smoke test of the benchmark (`python -m bench`): every suite at toy size, so its code does not rot.
 
 The numbers are meaningless at this size; what is checked is that every path runs (checkpoint mapping
-to transformers, both exporters, ONNX Runtime, passes, extraction, the worker processes) and that the
-report and the JSON are written.
+to transformers, both exporters, ONNX Runtime, passes, extraction, the worker processes and their
+memory measurement) and that the report and the JSON are written.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from bench import run
-from bench.config import TOY
-from bench.harness import Worker, interleave
+from bench.harness import MiB, Worker, interleave
 
 pytestmark = pytest.mark.slow
 
 
 def test_toy_run_writes_report(tmp_path):
+    from bench import run
+    from bench.config import TOY
+
     res = run(TOY, out=tmp_path, say=lambda s: None)
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     md = (tmp_path / "benchmarks.md").read_text()
@@ -43,17 +45,21 @@ def test_toy_run_writes_report(tmp_path):
     assert data["machine"]["torch"] in md
 
 
-def test_worker_process(tmp_path):
-    """Candidates run in spawned worker processes; a failing setup reports its error instead of hanging."""
-    good = Worker("matmul", "bench.inference:setup_matmul", log=str(tmp_path / "log"), n=32)
-    bad = Worker("bad", "bench.inference:setup_ort", log=str(tmp_path / "log"), onnx_path=str(tmp_path / "x.onnx"),
-                 mptc_dir=str(tmp_path / "missing"), shapes=[(1, 4)], vocab=10)
+def test_worker_processes(tmp_path):
+    """Candidates run in spawned worker processes, which see their ops' memory; a failing setup
+    reports its error instead of hanging."""
+    log = str(tmp_path / "log")
+    good = Worker("probe", "bench.harness:setup_probe", log=log, mib=64)
+    bad = Worker("bad", "bench.harness:setup_probe", log=log, mib=-1)
     try:
         for w in (good, bad):
             w.start()
-        st = interleave({"good": (good.wait(120), "matmul"), "bad": (bad.wait(120), "1x4")}, warmup=0, reps=2)
+        st = interleave({"good": (good.wait(60), "alloc"), "bad": (bad.wait(60), "alloc")}, warmup=0, reps=2)
     finally:
         good.close()
         bad.close()
-    assert len(st["good"].times) == 2 and st["good"].peak >= 0 and st["good"].hwm > 0
-    assert st["bad"].error and not st["bad"].times
+    assert good.info["pid"] != os.getpid()
+    assert len(st["good"].times) == 2 and st["good"].info["bytes"] == 64 * MiB
+    if os.path.exists("/proc/self/clear_refs"):
+        assert 60 * MiB <= st["good"].peak <= 80 * MiB, st["good"].peak / MiB
+    assert "cannot allocate -1 MiB" in st["bad"].error and not st["bad"].times
