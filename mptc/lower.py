@@ -192,8 +192,8 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
         x, table = _token_embedding(b, spec, src, cond)  # (B, T, D); the token table, if there is one
         if e.segments:
             types = ins["token_type_ids"]  # (B, T) or None
-            table = b.param("embed.segments.weight", (("S",), ("D",)), "embed.segments", "normal", ("in", "out"))
-            x = b.call(operator.add, x, b.call(ops.segment_embed, types, x, table, role="embed.segments"),
+            seg = b.param("embed.segments.weight", (("S",), ("D",)), "embed.segments", "normal", ("in", "out"))
+            x = b.call(operator.add, x, b.call(ops.segment_embed, types, x, seg, role="embed.segments"),
                        role="embed.segments")
     if spec.patches is not None:
         p = spec.patches
