@@ -51,8 +51,7 @@ class Mode:
 FULL = Mode("full")
 QUICK = Mode(
     "quick", layers=2, quiet_s=0.2, matmul_n=2048, shapes=((1, 32), (2, 64)), inf_reps=3, inf_min_reps=2,
-    inf_budget_s=8,
-    lower_reps=2, warm_export=False, export_families=("gpt2",), pass_reps=1, pass_budget_s=15,
+    inf_budget_s=8, lower_reps=2, warm_export=False, export_families=("gpt2",), pass_reps=1, pass_budget_s=15,
     extract_shape=(1, 64), extract_reps=2, extract_budget_s=8, extract_inplace=False, time_limit_s=165,
     plan_s=(("prepare", 10), ("lowering", 10), ("export", 35), ("inference", 50), ("growth", 30), ("extraction", 15)),
 )

@@ -2,7 +2,7 @@
 
 Every candidate lives in its own worker process (spawned, so each starts clean): the worker runs a
 *setup* once (load a model, open a session) and then runs named *ops* on request. The coordinator
-runs the candidates of one comparison in rounds, one op at a time, rotating the order each round,
+runs the candidates of one comparison in rounds, one op at a time, in a new order each round,
 so that a load spike from another process hits candidates and baselines alike; ratios are taken per
 round (same round = same conditions) and summarised by their median.
 
@@ -20,6 +20,7 @@ import gc
 import importlib
 import multiprocessing as mp
 import os
+import random
 import resource
 import statistics
 import sys
@@ -322,7 +323,8 @@ def ratio(a: Stats, b: Stats) -> float:
 def interleave(cands: dict[str, tuple[Worker, str]], warmup: int = 1, reps: int = 3, budget_s: float | None = None,
                min_reps: int = 2, quiet_s: float = 0.0, stop_at: float | None = None, hard_stop: float | None = None,
                say: Callable[[str], None] | None = None) -> dict[str, Stats]:
-    """Run every candidate (a worker and one of its ops) in rounds, rotating the order each round.
+    """Run every candidate (a worker and one of its ops) in rounds, in a new order each round (seeded
+    shuffles, so no candidate always follows the same one).
 
     `warmup` rounds are discarded (kept in `Stats.warmup`). After `min_reps` timed rounds, no new
     round starts once `budget_s` has passed or the clock (`time.perf_counter`) is past `stop_at`;
@@ -345,7 +347,8 @@ def interleave(cands: dict[str, tuple[Worker, str]], warmup: int = 1, reps: int 
         if timed >= min_reps and ((budget_s is not None and now - t0 > budget_s) or
                                   (stop_at is not None and now > stop_at)):
             break
-        order = names[r % len(names):] + names[: r % len(names)] if names else []
+        order = list(names)
+        random.Random(r).shuffle(order)
         for k in order:
             if stats[k].error:
                 continue
