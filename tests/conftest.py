@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import mptc
 
@@ -12,6 +13,15 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.mpt"))
 TINY = sorted((Path(__file__).parent / "specs").glob("tiny-*.mpt"))
 TINY_IDS = [p.stem for p in TINY]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest, and steadiest on a busy machine, on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(params=TINY, ids=TINY_IDS)

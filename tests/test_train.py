@@ -35,14 +35,8 @@ PLAIN = TINY % ""
 FAST = dict(batch=8, seq=32, lr=1e-2, warmup=5, eval_batches=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest, and steadiest on a busy machine, on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tokens() -> torch.Tensor:
