@@ -28,11 +28,11 @@ class Mode:
     shapes: tuple[tuple[int, int], ...] = ((1, 128), (8, 256))  # batch × sequence
     inf_warmup: int = 1  # warm-up rounds at the first shape (later shapes run in warm workers)
     inf_reps: int = 9  # at most, per model and shape
-    inf_min_reps: int = 3
+    inf_min_reps: int = 5
     inf_budget_s: float = 40.0  # per model and shape: no new round after this, once inf_min_reps are done
     matmul_n: int = 4096  # the float32 peak: torch.matmul of two n × n matrices, once per round
     depths: tuple[int, ...] = (6, 12, 24, 48)
-    lower_reps: int = 7
+    lower_reps: int = 9
     warm_export: bool = True  # export a toy model first in each export worker (one-time costs untimed)
     export_reps: int = 1
     pass_limit: int | None = None  # at most this many passes per model (toy)

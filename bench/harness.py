@@ -280,6 +280,10 @@ def wait_quiet(max_wait: float | None, threshold: float = 0.25) -> float | None:
 # --- statistics -----------------------------------------------------------------------------------
 
 
+BUSY = 0.25  # other processes held more than this share of the CPUs as a run began: a contended run
+MIN_CLEAN = 3  # medians and ratios use only uncontended runs when there are at least this many
+
+
 @dataclass
 class Stats:
     """The timed runs of one candidate: `times[i]` ran in round i."""
@@ -287,16 +291,27 @@ class Stats:
     name: str
     times: list[float] = field(default_factory=list)
     warmup: list[float] = field(default_factory=list)
-    busy: list[float] = field(default_factory=list)  # other processes' share of the CPUs as each timed run began
+    busy: list[float | None] = field(default_factory=list)  # other processes' CPU share as each timed run began
     peak: int = 0  # bytes above the resident set before the op, max over all runs
     hwm: int = 0  # the process's peak resident set, max over all runs
     info: dict = field(default_factory=dict)  # what the op returned: medians over timed runs of numbers
     infos: list[dict] = field(default_factory=list)
     error: str | None = None
 
+    def clean(self) -> list[bool]:
+        """Per timed run: whether the machine was quiet as it began."""
+        b = self.busy + [None] * (len(self.times) - len(self.busy))
+        return [x is None or x < BUSY for x in b[: len(self.times)]]
+
+    @property
+    def used(self) -> list[float]:
+        """The runs the median is taken over: the uncontended ones when there are enough."""
+        clean = [t for t, ok in zip(self.times, self.clean(), strict=True) if ok]
+        return clean if len(clean) >= MIN_CLEAN else self.times
+
     @property
     def median(self) -> float:
-        return statistics.median(self.times) if self.times else float("nan")
+        return statistics.median(self.used) if self.times else float("nan")
 
     @property
     def best(self) -> float:
@@ -306,7 +321,8 @@ class Stats:
         return {"median_s": _num(self.median), "min_s": _num(self.best), "times_s": [round(t, 6) for t in self.times],
                 "warmup_s": [round(t, 6) for t in self.warmup], "peak_mib": round(self.peak / MiB, 1),
                 "process_peak_mib": round(self.hwm / MiB, 1), "error": self.error,
-                "busy_at_start": [round(b, 2) for b in self.busy],
+                "busy_at_start": [None if b is None else round(b, 2) for b in self.busy],
+                "runs_used": len(self.used),
                 **({"info": self.info} if self.info else {})}
 
 
@@ -315,8 +331,12 @@ def _num(x: float) -> float | None:
 
 
 def ratio(a: Stats, b: Stats) -> float:
-    """Median over rounds of a's time / b's time in the same round (NaN when either is missing)."""
-    pairs = [x / y for x, y in zip(a.times, b.times, strict=False) if y > 0]
+    """Median over rounds of a's time / b's time in the same round (NaN when either is missing); over
+    the rounds where both began on a quiet machine, when there are enough of them."""
+    rounds = list(zip(a.times, b.times, a.clean(), b.clean(), strict=False))
+    pairs = [x / y for x, y, ca, cb in rounds if y > 0 and ca and cb]
+    if len(pairs) < MIN_CLEAN:
+        pairs = [x / y for x, y, _, _ in rounds if y > 0]
     return statistics.median(pairs) if pairs else float("nan")
 
 
@@ -365,7 +385,7 @@ def interleave(cands: dict[str, tuple[Worker, str]], warmup: int = 1, reps: int 
                 continue
             s = stats[k]
             (s.warmup if r < warmup else s.times).append(res["seconds"])
-            if r >= warmup and b is not None:
+            if r >= warmup:
                 s.busy.append(b)
             s.peak, s.hwm = max(s.peak, res["peak"]), max(s.hwm, res["hwm"])
             if res["info"]:

@@ -80,10 +80,12 @@ def run(ctx: Ctx) -> dict:
         m, h = st[f"mptc L{n}"], st[f"hf L{n}"]
         rows.append({"layers": n, "mptc": m.to_json(), "hf_meta": h.to_json(), "ratio_vs_hf": _r(ratio(m, h)),
                      "first_call_s": _r(m.warmup[0]) if m.warmup else None})
-    ok = [r for r in rows if r["mptc"]["median_s"] is not None]
-    lin = fit([r["layers"] for r in ok], [r["mptc"]["median_s"] for r in ok]) if len(ok) > 1 else {}
-    hf_ok = [r for r in rows if r["hf_meta"]["median_s"] is not None]
-    hf_lin = fit([r["layers"] for r in hf_ok], [r["hf_meta"]["median_s"] for r in hf_ok]) if len(hf_ok) > 1 else {}
+    # the fits use each depth's fastest run: these are short, deterministic, single-threaded Python
+    # runs, which other processes and the garbage collector can only slow down
+    ok = [r for r in rows if r["mptc"]["min_s"] is not None]
+    lin = fit([r["layers"] for r in ok], [r["mptc"]["min_s"] for r in ok]) if len(ok) > 1 else {}
+    hf_ok = [r for r in rows if r["hf_meta"]["min_s"] is not None]
+    hf_lin = fit([r["layers"] for r in hf_ok], [r["hf_meta"]["min_s"] for r in hf_ok]) if len(hf_ok) > 1 else {}
     return {"rows": rows, "fit": lin, "hf_fit": hf_lin, "deepest": depths[-1]}
 
 

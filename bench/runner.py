@@ -41,7 +41,7 @@ def contention(res: dict) -> dict:
 
     def walk(x):
         if isinstance(x, dict):
-            vals.extend(x.get("busy_at_start") or [])
+            vals.extend(v for v in x.get("busy_at_start") or [] if v is not None)
             for v in x.values():
                 walk(v)
         elif isinstance(x, list):
