@@ -253,8 +253,9 @@ def _growth(gr: dict | None) -> list[str]:
     if not gr:
         return []
     out = ["", "## Growth passes", "",
-         "`Pipeline([pass])(model)` with every check on: the pass runs in float64, then well-formedness, the "
-         "certificate and the behaviour check (float64 and float32 forward passes on probe batches). Baseline: "
+         "`Pipeline([pass])(model)` with every check on: the pass (in float32; unchanged tensors shared), then "
+         "well-formedness, the certificate and the behaviour check (float64 and float32 forward passes of old "
+         "and new model on a probe batch, float64 widened on the fly). Baseline: "
          "`safetensors.torch.load_file` + `save_file` of the same model's checkpoint (page cache warm). "
          "GPT-2 uses LayerNorm, so `grow_width` runs on the Llama-style model, as does `add_kv_heads` "
          "(GPT-2 is multi-head).", ""]

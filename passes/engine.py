@@ -20,7 +20,7 @@ from torch import Tensor, fx
 from mptc import spec as S
 from mptc.errors import MptcError
 from mptc.lower import NodeInfo, sizes
-from mptc.model import build, param_info, spec_of
+from mptc.model import build, load_weights, param_info, spec_of
 
 # --- the coupling graph ----------------------------------------------------------------
 
@@ -99,7 +99,7 @@ class TensorClaim:
     source: str | None  # the old tensor it was made from (None: made from nothing)
     old_shape: tuple[int, ...] | None
     new_shape: tuple[int, ...]
-    srcs: list[list[int] | None]  # per axis: the source map (None: unchanged axis)
+    srcs: list[Tensor | None]  # per axis: the source map (None: unchanged axis)
     scale: float = 1.0  # old entries are multiplied by this
     zero: list[bool] = field(default_factory=list)  # per axis: its new entries are zero
     all_zero: bool = False  # the whole tensor is new and zero
@@ -113,14 +113,14 @@ class TensorClaim:
         for ax, s in enumerate(self.srcs):
             if s is None:
                 continue
-            s = torch.tensor(s)
             kept = s[s >= 0]
-            if (s < 0).any():
-                out.append(f"axis {ax}: {int((s < 0).sum())} new entries, {'zero' if self.zero[ax] else 'free'}")
-            if self.old_shape and len(kept.unique()) < self.old_shape[ax]:
-                out.append(f"axis {ax}: slice keeping {len(kept.unique())} of {self.old_shape[ax]}")
-            if len(kept.unique()) < len(kept):
-                out.append(f"axis {ax}: {len(kept) - len(kept.unique())} copies")
+            n_new, n_unique = int((s < 0).sum()), len(kept.unique())
+            if n_new:
+                out.append(f"axis {ax}: {n_new} new entries, {'zero' if self.zero[ax] else 'free'}")
+            if self.old_shape and n_unique < self.old_shape[ax]:
+                out.append(f"axis {ax}: slice keeping {n_unique} of {self.old_shape[ax]}")
+            if n_unique < len(kept):
+                out.append(f"axis {ax}: {len(kept) - n_unique} copies")
             if not torch.equal(kept, kept.sort().values):
                 out.append(f"axis {ax}: permutation")
         if self.scale != 1.0:
@@ -134,25 +134,78 @@ class TensorClaim:
 
 @dataclass
 class Certificate:
-    """Every tensor a pass changed and what it claims about each."""
+    """Every tensor a pass changed and what it claims about each; `kept` names the tensors taken
+    over unchanged (new name → old name), which must equal their source."""
 
     claims: list[TensorClaim] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> list[dict]:
         return [c.to_json() for c in self.claims]
 
 
-def index_pairs(srcs: list[Tensor | None], shape: tuple[int, ...]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """Open-mesh indices (new positions, old positions) of the entries that come from old ones."""
-    new_idx, old_idx = [], []
-    for ax, n in enumerate(shape):
-        s = srcs[ax] if srcs[ax] is not None else torch.arange(n)
-        keep = (s >= 0).nonzero().flatten()
-        view = [1] * len(shape)
-        view[ax] = -1
-        new_idx.append(keep.view(view))
-        old_idx.append(s[keep].view(view))
-    return tuple(new_idx), tuple(old_idx)
+# --- selections: where an axis's kept entries sit, as slices wherever they form runs ----------
+
+Sel = slice | Tensor  # one axis: a slice (a view, free) or a LongTensor of positions (a gather)
+
+
+def kept_entries(srcs: list[Tensor | None]) -> tuple[list[Sel], list[Sel]]:
+    """Per axis, the positions of the new tensor that come from old entries, and those entries.
+
+    A grow map's kept prefix or an extraction's prefix is a slice on both sides; permutations,
+    copies and per-group growth are index tensors.
+    """
+    new_sel, old_sel = [], []
+    for s in srcs:
+        if s is None:
+            new_sel.append(slice(None))
+            old_sel.append(slice(None))
+            continue
+        at = (s >= 0).nonzero().flatten()
+        src = s[at]
+        if _is_run(at) and _is_run(src):
+            a, b = (int(at[0]), int(src[0])) if len(at) else (0, 0)
+            new_sel.append(slice(a, a + len(at)))
+            old_sel.append(slice(b, b + len(at)))
+        else:
+            new_sel.append(at)
+            old_sel.append(src)
+    return new_sel, old_sel
+
+
+def _is_run(t: Tensor) -> bool:
+    return len(t) <= 1 or (int(t[-1]) - int(t[0]) == len(t) - 1 and bool((t.diff() == 1).all()))
+
+
+def take(t: Tensor, sel: list[Sel]) -> Tensor:
+    """The block of `t` at `sel` (axis by axis: slices are views, index tensors gather)."""
+    for ax, s in enumerate(sel):
+        t = t[(slice(None),) * ax + (s,)] if isinstance(s, slice) else t.index_select(ax, s)
+    return t
+
+
+def put(t: Tensor, sel: list[Sel], block: Tensor) -> None:
+    """Write `block` into `t` at `sel` (the inverse of `take`)."""
+    view = t[tuple(s if isinstance(s, slice) else slice(None) for s in sel)]
+    gathered = [ax for ax, s in enumerate(sel) if not isinstance(s, slice)]
+    if not gathered:
+        view.copy_(block)
+    elif len(gathered) == 1:
+        view.index_copy_(gathered[0], sel[gathered[0]], block)
+    else:  # an open mesh over the gathered axes, whole ranges on the others
+        mesh = []
+        for ax, s in enumerate(sel):
+            idx = torch.arange(view.shape[ax]) if isinstance(s, slice) else s
+            mesh.append(idx.view([-1 if a == ax else 1 for a in range(t.dim())]))
+        view[tuple(mesh)] = block
+
+
+def new_entries(s: Tensor | None) -> Tensor | None:
+    """The positions of an axis's new entries (None: the axis has none)."""
+    if s is None:
+        return None
+    at = (s < 0).nonzero().flatten()
+    return at if len(at) else None
 
 
 def check_claim(c: TensorClaim, old: Tensor | None, new: Tensor) -> str | None:
@@ -164,16 +217,16 @@ def check_claim(c: TensorClaim, old: Tensor | None, new: Tensor) -> str | None:
             return f"{c.name}: claimed zero, has {int(new.count_nonzero())} non-zero entries"
         return None
     assert old is not None
-    ni, oi = index_pairs([torch.tensor(s) if s is not None else None for s in c.srcs], c.new_shape)
-    if not torch.equal(new[ni], scaled(old[oi], c.scale, new.dtype)):
+    new_sel, old_sel = kept_entries(c.srcs)
+    if not torch.equal(take(new, new_sel), scaled(take(old, old_sel), c.scale, new.dtype)):
         return f"{c.name}: the entries taken from {c.source} differ from it" + \
             (f" × {c.scale:.6g}" if c.scale != 1.0 else "")
     for ax, z in enumerate(c.zero):
-        if z and c.srcs[ax] is not None:
-            fresh = (torch.tensor(c.srcs[ax]) < 0).nonzero().flatten()
-            block = new.index_select(ax, fresh)
-            if block.count_nonzero() > 0:
-                return f"{c.name}: the new entries of axis {ax} should be zero, {int(block.count_nonzero())} are not"
+        fresh = new_entries(c.srcs[ax]) if z else None
+        if fresh is not None:
+            n = int(new.index_select(ax, fresh).count_nonzero())
+            if n:
+                return f"{c.name}: the new entries of axis {ax} should be zero, {n} are not"
     return None
 
 
@@ -221,46 +274,48 @@ class Change:
 
 
 def remap(model: fx.GraphModule, change: Change) -> tuple[fx.GraphModule, Certificate]:
-    """Build the model of `change.spec` with every tensor made from the old model's."""
+    """Build the model of `change.spec` with every tensor made from the old model's.
+
+    Tensors that no symbol change reaches are taken over as they are (shared with `model`, not
+    copied); the others are new tensors, and the certificate says what each holds.
+    """
     old_spec = spec_of(model)
     old_sd = {k: v.detach() for k, v in model.state_dict().items()}
     old_sizes, new_sizes = change.old_sizes(sizes(old_spec)), sizes(change.spec)
     for s, m in change.maps.items():
         if m.numel() != new_sizes.get(s, -1):
             raise AssertionError(f"map of {s} has {m.numel()} entries, the new spec needs {new_sizes.get(s)}")
-    shell = build(change.spec, device="meta")
+    out = build(change.spec, device="meta")  # the new graph; its parameters are filled below
     gen = torch.Generator().manual_seed(change.init.seed)
     dtype = next(iter(old_sd.values())).dtype
     std = change.init.std if change.init.std is not None else change.spec.init.std
     new_sd: dict[str, Tensor] = {}
     cert = Certificate()
-    for name, info in param_info(shell).items():
-        shape = tuple(shell.get_parameter(name).shape)
+    for name, info in param_info(out).items():
+        shape = tuple(out.get_parameter(name).shape)
         src_name, fresh = change.origin(name) if change.origin else (name, False)
         old = old_sd.get(src_name) if src_name else None
         srcs = [_axis_src(ax, change.maps, old_sizes, new_sizes) for ax in info.axes]
         scale = change.scale(name, info) if change.scale and not fresh else 1.0
         if not fresh and old is not None and all(s is None for s in srcs) and scale == 1.0:
             new_sd[name] = old
+            cert.kept[name] = src_name
             continue
-        new = _free(info, shape, old if not fresh or old is None or old.shape == shape else None, srcs, fresh,
-                    change.init, std, gen, dtype)
         zero_axes = [info.role in change.zero_roles or (change.zero_side is not None and io == change.zero_side)
                      for io in info.io]
         all_zero = fresh and (info.role in change.zero_roles)
         if all_zero:
-            new.zero_()
-        elif not fresh:
-            ni, oi = index_pairs(srcs, shape)
-            new[ni] = scaled(old[oi], scale, dtype)
-            for ax, z in enumerate(zero_axes):
-                if z and srcs[ax] is not None:
-                    new.index_fill_(ax, (srcs[ax] < 0).nonzero().flatten(), 0.0)
+            new = torch.zeros(shape, dtype=dtype)
+        else:
+            new = _free(info, shape, old if not fresh or old is None or old.shape == shape else None, srcs, fresh,
+                        [z and not fresh for z in zero_axes], change.init, std, gen, dtype)
+        if not fresh:
+            new_sel, old_sel = kept_entries(srcs)
+            put(new, new_sel, scaled(take(old, old_sel), scale, dtype))
         new_sd[name] = new
-        cert.claims.append(TensorClaim(
-            name, src_name, tuple(old.shape) if old is not None else None, shape,
-            [s.tolist() if s is not None else None for s in srcs], scale, zero_axes, all_zero, fresh))
-    out = build(change.spec, weights=new_sd, dtype=dtype)
+        cert.claims.append(TensorClaim(name, src_name, tuple(old.shape) if old is not None else None, shape,
+                                       srcs, scale, zero_axes, all_zero, fresh))
+    load_weights(out, new_sd)
     out.train(model.training)
     return out, cert
 
@@ -271,34 +326,40 @@ def scaled(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
 
 
 def _free(info: NodeInfo, shape: tuple[int, ...], old: Tensor | None, srcs: list[Tensor | None], fresh: bool,
-          init: Init, std: float, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
-    """A tensor whose entries no proof constrains hold their init (the proven ones are written after).
+          zero: list[bool], init: Init, std: float, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """A tensor whose entries no proof constrains hold their init, and whose new entries along the
+    `zero` axes are zero (the entries taken from the old tensor are written after).
 
-    Random values are drawn only for the new entries, so the cost follows the growth, not the model.
+    Random values are drawn only for new entries, in float32 whatever the dtype, so a pass run in
+    float64 and rounded gives the tensor the same pass gives in float32; the cost follows the
+    growth, not the model.
     """
     if info.init in ("ones", "zeros") or init.kind == "zeros":
-        fill = 1.0 if info.init == "ones" else 0.0
-        return torch.full(shape, fill, dtype=dtype)
-    if init.kind == "copy" and old is not None:
-        if fresh:
-            base = old.clone()
-        else:  # a new unit copies an existing one, cycling through them
-            cyc = [None if s is None else torch.where(s < 0, torch.arange(s.numel()) % max(1, old.shape[i]), s)
-                   for i, s in enumerate(srcs)]
-            _, oi = index_pairs(cyc, shape)
-            base = old[oi].clone()
+        out = torch.full(shape, 1.0 if info.init == "ones" else 0.0, dtype=dtype)
+    elif init.kind == "copy" and old is not None:
+        # a new tensor copies its source; a new unit copies an existing one, cycling through them
+        cyc = [slice(None) if s is None else torch.where(s < 0, torch.arange(s.numel()) % max(1, old.shape[i]), s)
+               for i, s in enumerate(srcs)]
+        out = old.clone() if fresh else take(old, cyc).to(dtype, copy=True)
         if init.std:
-            base += torch.randn(shape, generator=gen, dtype=dtype) * init.std
-        return base
-    if fresh:
-        return torch.randn(shape, generator=gen, dtype=dtype) * std
-    new_mask = torch.zeros((), dtype=torch.bool)  # entries new along any axis
-    for ax, s in enumerate(srcs):
-        m = (s < 0) if s is not None else torch.zeros(shape[ax], dtype=torch.bool)
-        new_mask = new_mask[..., None] | m
-    out = torch.empty(shape, dtype=dtype)
-    out[new_mask] = torch.randn(int(new_mask.sum()), generator=gen, dtype=dtype) * std
+            out += _randn(shape, init.std, gen, dtype)
+    elif fresh:
+        out = _randn(shape, std, gen, dtype)
+    else:  # fill the slab of new entries along each axis (they overlap at corners: drawn twice, no matter)
+        out = torch.empty(shape, dtype=dtype)
+        for ax, s in enumerate(srcs):
+            at = new_entries(s)
+            if at is not None and not zero[ax]:
+                out.index_copy_(ax, at, _randn(shape[:ax] + (len(at),) + shape[ax + 1:], std, gen, dtype))
+    for ax, z in enumerate(zero):
+        at = new_entries(srcs[ax]) if z else None
+        if at is not None:
+            out.index_fill_(ax, at, 0.0)
     return out
+
+
+def _randn(shape: tuple[int, ...], std: float, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
+    return (torch.randn(shape, generator=gen, dtype=torch.float32) * std).to(dtype)
 
 
 def check_shapes(model: fx.GraphModule) -> list[str]:

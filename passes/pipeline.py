@@ -11,8 +11,8 @@ from torch import fx
 from mptc.model import spec_of
 
 from .base import Pass, PassError
-from .engine import Certificate, TensorClaim, index_pairs
-from .verify import F32_TOL, F64_TOL, as_dtype, certificate_problems, max_error, probes, well_formed
+from .engine import Certificate, TensorClaim, kept_entries, put, take
+from .verify import F32_TOL, F64_TOL, certificate_problems, exact_values, max_error, probes, well_formed
 
 
 @dataclass
@@ -58,19 +58,9 @@ class Pipeline:
         report = Report()
         for p in self.passes:
             t0 = time.perf_counter()
-            if self.check and p.exact:
-                # the pass runs in float64 and the result is rounded once to the model's dtype, so the
-                # float64 check sees the proof without float32 rounding (a scaled gain is exact only up
-                # to the dtype that stores it)
-                dtype = next(model.parameters()).dtype
-                old64 = as_dtype(model, torch.float64)
-                new64, cert = p.apply(old64)
-                new = as_dtype(new64, dtype).train(model.training)
-            else:
-                old64 = new64 = None
-                new, cert = p.apply(model)
+            new, cert = p.apply(model)
             t1 = time.perf_counter()
-            e64, e32 = self._verify(p, model, new, cert, old64, new64) if self.check else (float("nan"),) * 2
+            e64, e32 = self._verify(p, model, new, cert) if self.check else (float("nan"),) * 2
             t2 = time.perf_counter()
             if optimizer is not None:
                 optimizer = grow_optimizer(optimizer, model, new, cert)
@@ -80,15 +70,15 @@ class Pipeline:
         report.optimizer = optimizer
         return model, report
 
-    def _verify(self, p: Pass, old: fx.GraphModule, new: fx.GraphModule, cert: Certificate,
-                old64: fx.GraphModule | None, new64: fx.GraphModule | None) -> tuple[float, float]:
+    def _verify(self, p: Pass, old: fx.GraphModule, new: fx.GraphModule, cert: Certificate) -> tuple[float, float]:
         problems = well_formed(new) + certificate_problems(old, new, cert)
         if problems:
             raise PassError(f"{p} produced an inconsistent model: " + "; ".join(problems[:5]))
         if not p.exact:
             return float("nan"), float("nan")
         inputs = probes(spec_of(old))
-        e64 = max_error(old64, new64, inputs, torch.float64, p.comparable, p.reference)
+        exact = exact_values(old, new, cert)
+        e64 = max_error(old, new, inputs, torch.float64, p.comparable, p.reference, exact)
         e32 = max_error(old, new, inputs, torch.float32, p.comparable, p.reference)
         if not (e64 <= F64_TOL and e32 <= p.f32_tol):
             raise PassError(f"{p} changed the model's function: max error {e64:.3g} in float64 (tolerance "
@@ -133,6 +123,6 @@ def _map_state(key: str, v, c: TensorClaim | None, p: torch.Tensor):
     if c.fresh:
         return out
     s = c.scale ** (2 if key in ("exp_avg_sq", "max_exp_avg_sq") else 1)
-    ni, oi = index_pairs([torch.tensor(x) if x is not None else None for x in c.srcs], c.new_shape)
-    out[ni] = v[oi] * s
+    new_sel, old_sel = kept_entries(c.srcs)
+    put(out, new_sel, take(v, old_sel) * s)
     return out

@@ -1,0 +1,113 @@
+"""The verification machinery: selections, tensor sharing, the kept-tensor check, the float64
+run without a float64 copy (Upcast) and the exact values of scaled tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mptc
+from mptc import passes as P
+from mptc.passes import verify as V
+from mptc.passes.engine import grouped_grow_map, grow_map, kept_entries, put, take
+
+from .conftest import tiny
+
+
+def test_kept_entries_are_slices_for_runs_and_indices_otherwise():
+    new_sel, old_sel = kept_entries([grow_map(3, 5), None, grouped_grow_map(2, 2, 3)])
+    assert new_sel[:2] == [slice(0, 3), slice(None)] and old_sel[:2] == [slice(0, 3), slice(None)]
+    assert new_sel[2].tolist() == [0, 1, 3, 4] and old_sel[2].tolist() == [0, 1, 2, 3]
+    new_sel, old_sel = kept_entries([torch.tensor([2, 0, 1])])  # a permutation
+    assert new_sel[0].tolist() == [0, 1, 2] and old_sel[0].tolist() == [2, 0, 1]
+
+
+@pytest.mark.parametrize("maps", [
+    [grow_map(3, 5), grow_map(4, 6)],  # slices only
+    [torch.tensor([1, -1, 0]), grow_map(4, 6)],  # one gathered axis
+    [torch.tensor([1, -1, 0]), torch.tensor([3, 0, -1, 2, 1])],  # an open mesh over two
+])
+def test_take_and_put_place_old_entries_where_the_maps_say(maps):
+    old = torch.randn(3, 4)
+    shape = tuple(len(m) for m in maps)
+    new = torch.full(shape, float("nan"))
+    new_sel, old_sel = kept_entries(maps)
+    put(new, new_sel, take(old, old_sel))
+    for i, a in enumerate(maps[0].tolist()):
+        for j, b in enumerate(maps[1].tolist()):
+            if a >= 0 and b >= 0:
+                assert new[i, j] == old[a, b]
+            else:
+                assert new[i, j].isnan()
+    assert torch.equal(take(new, new_sel), take(old, old_sel))
+
+
+@pytest.mark.parametrize("p", [P.grow_width(width=80), P.grow_mlp(hidden=100, layers=[1]), P.add_heads(n=2),
+                               P.add_layers(n=1, at=1)], ids=str)
+def test_the_checks_do_not_change_the_result(p):
+    model = tiny("llama")
+    checked, _ = P.Pipeline([p])(model)
+    plain, _ = P.Pipeline([p], check=False)(model)
+    torch.testing.assert_close(checked.state_dict(), plain.state_dict(), rtol=0, atol=0)
+
+
+def test_unchanged_tensors_are_shared_not_copied():
+    model = tiny("llama")
+    new, report = P.Pipeline([P.grow_mlp(hidden=100, layers=[1])])(model)
+    changed = {t["tensor"] for t in report.passes[0].tensors}
+    assert changed == {f"layers.1.mlp.{w}.weight" for w in ("up", "gate", "down")}
+    old_sd, new_sd = model.state_dict(), new.state_dict()
+    for name, t in new_sd.items():
+        assert (t.data_ptr() == old_sd[name].data_ptr()) == (name not in changed), name
+
+
+def test_a_tensor_changed_without_a_claim_is_caught(monkeypatch):
+    import mptc.passes.engine as E
+
+    real = E.remap
+
+    def tampered(model, change):
+        new, cert = real(model, change)
+        with torch.no_grad():  # a new tensor in place of a kept one, one entry off
+            w = new.get_parameter("embed.tokens.weight").detach().clone()
+            w[0, 0] += 1e-3
+            new.get_parameter("embed.tokens.weight").data = w
+        return new, cert
+
+    monkeypatch.setattr("mptc.passes.base.remap", tampered)
+    with pytest.raises(P.PassError, match="embed.tokens.weight: claimed unchanged from embed.tokens.weight, but "
+                                          "it differs"):
+        P.Pipeline([P.grow_mlp(hidden=100)])(tiny("llama"))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])  # tied and untied token tables
+def test_upcast_runs_like_a_float64_copy(name, monkeypatch):
+    monkeypatch.setattr(V, "PIECE", 1000)  # the token table and head count as large: gathered and sliced
+    model = tiny(name)
+    spec = mptc.spec_of(model)
+    wide = {k: v.double() for k, v in model.state_dict().items()}
+    copy64 = mptc.build(spec, weights=wide, dtype=torch.float64).eval()
+    x = mptc.example_inputs(spec, batch=2, seq=9, seed=3, padded=True)
+    run = V.Upcast(model, torch.float64)
+    with torch.no_grad():
+        got, want = run(**x), copy64(**x)
+    assert got.dtype == torch.float64 and run._large  # the large-tensor path was taken
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is untouched
+
+
+def test_the_float64_check_sees_the_rule_not_its_rounding():
+    model = tiny("llama")
+    new, cert = P.grow_width(width=72).apply(model)  # RMSNorm gains × √(64/72), rounded to float32
+    x = V.probes(mptc.spec_of(model))
+    exact = V.exact_values(model, new, cert)
+    assert {n for n in exact} == {c.name for c in cert.claims if c.scale != 1.0} and exact
+    rounded = V.max_error(model, new, x, torch.float64)
+    assert 1e-9 < rounded < 1e-5  # float32 rounding of the gains, visible in float64
+    assert V.max_error(model, new, x, torch.float64, exact=exact) <= 1e-12
+
+
+def test_one_probe_batch_has_an_unpadded_and_padded_rows():
+    (x,) = V.probes(mptc.spec_of(tiny("llama")))
+    mask = x["attention_mask"]
+    assert mask.shape == (2, 16) and bool(mask[0].all()) and 0 < int(mask[1].sum()) < 16
