@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MptcError
+from .export import ONNX_OPSET
 
 EPILOG = """\
 SRC is a spec file (.mpt; weights initialised from --seed) or a model dir
@@ -66,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, metavar="OUT")
     c.add_argument("--seed", type=int, default=0, help="weight initialisation seed for a spec file (default 0)")
     c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    c.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    c.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET}: fused Attention "
+                   "and RMSNormalization; 18 for runtimes without them)")
     c.add_argument("--task", metavar="NAME|all", help="compile the sub-network of a task named in the spec's "
                    "`tasks` (cut out physically); `all`: one .onnx/.pt2 file per task, named OUT.TASK.onnx")
 

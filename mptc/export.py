@@ -22,7 +22,7 @@ from .atomic import atomic_file
 from .errors import MptcError
 from .model import spec_of
 
-ONNX_OPSET = 18
+ONNX_OPSET = 23  # Attention, RMSNormalization (ONNX Runtime ≥ 1.23 runs them on CPU); 18 for older runtimes
 
 
 def example_inputs(spec: S.Spec, batch: int = 2, seq: int = 8, seed: int = 0,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mptc
-from mptc.export import run_onnx
+from mptc.export import ONNX_OPSET, run_onnx
 
 from .conftest import TINY, TINY_IDS
 
@@ -44,13 +44,28 @@ def test_onnx_file_is_checked_and_named_like_hugging_face(compiled):
     spec = mptc.spec_of(model)
     m = onnx.load(out / "model.onnx")
     onnx.checker.check_model(m, full_check=True)
-    assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) == ONNX_OPSET == 23
     assert [i.name for i in m.graph.input] == list(spec.inputs)
     assert [o.name for o in m.graph.output] == [spec.output]
     first = m.graph.input[0].type.tensor_type.shape.dim
     assert first[0].dim_param  # batch is symbolic
     if spec.patches is None:
         assert first[1].dim_param  # sequence is symbolic
+
+
+@pytest.mark.parametrize("name,fused", [("tiny-llama", {"Attention", "RMSNormalization"}),
+                                        ("tiny-gpt2", {"Attention", "LayerNormalization"})])
+@pytest.mark.parametrize("opset", [18, 23])
+def test_opsets_fuse_attention_and_norms_where_they_can(name, fused, opset, tmp_path):
+    """Opset 23 has Attention and RMSNormalization ops; opset 18 gets their decomposed forms."""
+    model = mptc.build(mptc.load(f"tests/specs/{name}.mpt"), seed=0).eval()
+    mptc.export_onnx(model, tmp_path / "m.onnx", opset=opset)
+    ops = {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
+    assert (fused - {"LayerNormalization"} <= ops) == (opset >= 23)
+    assert ("Softmax" in ops) == (opset < 23)
+    x = mptc.example_inputs(mptc.spec_of(model), batch=3, seq=11, seed=2, padded=True)
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", x), model(**x).numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_pt2_program_matches(compiled):
