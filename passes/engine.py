@@ -330,9 +330,8 @@ def _free(info: NodeInfo, shape: tuple[int, ...], old: Tensor | None, srcs: list
     """A tensor whose entries no proof constrains hold their init, and whose new entries along the
     `zero` axes are zero (the entries taken from the old tensor are written after).
 
-    Random values are drawn only for new entries, in float32 whatever the dtype, so a pass run in
-    float64 and rounded gives the tensor the same pass gives in float32; the cost follows the
-    growth, not the model.
+    Random values are drawn only for new entries (the slab of each axis's new units), so the
+    cost follows the growth, not the model.
     """
     if info.init in ("ones", "zeros") or init.kind == "zeros":
         out = torch.full(shape, 1.0 if info.init == "ones" else 0.0, dtype=dtype)
@@ -342,24 +341,29 @@ def _free(info: NodeInfo, shape: tuple[int, ...], old: Tensor | None, srcs: list
                for i, s in enumerate(srcs)]
         out = old.clone() if fresh else take(old, cyc).to(dtype, copy=True)
         if init.std:
-            out += _randn(shape, init.std, gen, dtype)
+            out += torch.randn(shape, generator=gen, dtype=dtype) * init.std
     elif fresh:
-        out = _randn(shape, std, gen, dtype)
-    else:  # fill the slab of new entries along each axis (they overlap at corners: drawn twice, no matter)
+        out = torch.empty(shape, dtype=dtype).normal_(0.0, std, generator=gen)
+    else:  # the slab of new entries along each axis (they overlap at corners: drawn twice, no matter)
         out = torch.empty(shape, dtype=dtype)
         for ax, s in enumerate(srcs):
             at = new_entries(s)
-            if at is not None and not zero[ax]:
-                out.index_copy_(ax, at, _randn(shape[:ax] + (len(at),) + shape[ax + 1:], std, gen, dtype))
+            if at is None or zero[ax]:
+                continue
+            slab = torch.empty(shape[:ax] + (len(at),) + shape[ax + 1:], dtype=dtype)
+            if not _is_run(at):
+                out.index_copy_(ax, at, slab.normal_(0.0, std, generator=gen))
+                continue
+            view = out.narrow(ax, int(at[0]), len(at))
+            if view.is_contiguous():  # drawn in place
+                view.normal_(0.0, std, generator=gen)
+            else:  # drawing into a strided view is slow: draw contiguous, then copy
+                view.copy_(slab.normal_(0.0, std, generator=gen))
     for ax, z in enumerate(zero):
         at = new_entries(srcs[ax]) if z else None
         if at is not None:
             out.index_fill_(ax, at, 0.0)
     return out
-
-
-def _randn(shape: tuple[int, ...], std: float, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
-    return (torch.randn(shape, generator=gen, dtype=torch.float32) * std).to(dtype)
 
 
 def check_shapes(model: fx.GraphModule) -> list[str]:

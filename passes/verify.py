@@ -20,9 +20,12 @@ F64_TOL = 1e-9
 F32_TOL = 1e-5
 
 
-def probes(spec: S.Spec, n: int = 1, batch: int = 2, seq: int = 16, seed: int = 1234) -> list[dict[str, Tensor]]:
+def probes(spec: S.Spec, n: int = 1, batch: int = 2, seed: int = 1234) -> list[dict[str, Tensor]]:
     """Probe batches valid for `spec`: random inputs, each with an unpadded first row and the others
-    padded by different amounts, so one forward pass covers both cases."""
+    padded by different amounts, so one forward pass covers both cases. Sequences are 8 tokens, or
+    long enough that a sliding window cuts in (2 × window + 1)."""
+    windows = [ly.attention.window for ly in spec.layers if ly.attention.window]
+    seq = max([8] + [2 * w + 1 for w in windows])
     out = []
     for i in range(n):
         x = example_inputs(spec, batch=batch, seq=seq, seed=seed + i, padded=True)
@@ -111,30 +114,40 @@ def exact_values(old: fx.GraphModule, new: fx.GraphModule, cert: Certificate) ->
 
 
 @torch.no_grad()
-def max_error(old: fx.GraphModule, new: fx.GraphModule, inputs: list[dict], dtype: torch.dtype,
-              comparable=None, reference=None, exact: dict[str, Tensor] | None = None) -> float:
-    """Max abs difference between two models' outputs (eval mode) computed in `dtype`, relative to
-    max(1, |output|); `exact`: float64 values of some of `new`'s tensors (see `exact_values`)."""
-    runs = [_runner(old, dtype), _runner(new, dtype, exact)]
-    modes = [old.training, new.training]
-    old.eval()
-    new.eval()
-    worst = 0.0
+def outputs(model: fx.GraphModule, inputs: list[dict], dtype: torch.dtype, reference=None,
+            exact: dict[str, Tensor] | None = None) -> list[Tensor]:
+    """The model's outputs (eval mode) on each input, computed in `dtype`; `reference`: a context
+    the model runs in (`Pass.reference`); `exact`: float64 values of some of its tensors."""
+    run = _runner(model, dtype, exact)
+    was = model.training
+    model.eval()
     try:
+        out = []
         for x in inputs:
             x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
-            with reference(old) if reference else contextlib.nullcontext():
-                a = runs[0](**x)
-            b = runs[1](**x)
-            if comparable is not None:
-                a, b = comparable(a, b)
-            if a.shape != b.shape:
-                return float("inf")
-            worst = max(worst, float(((a - b).abs() / a.abs().clamp(min=1.0)).max()))
+            with reference(model) if reference else contextlib.nullcontext():
+                out.append(run(**x))
+        return out
     finally:
-        old.train(modes[0])
-        new.train(modes[1])
+        model.train(was)
+
+
+def compare(old: list[Tensor], new: list[Tensor], comparable=None) -> float:
+    """Max abs difference between two runs' outputs, relative to max(1, |old output|)."""
+    worst = 0.0
+    for a, b in zip(old, new, strict=True):
+        if comparable is not None:
+            a, b = comparable(a, b)
+        if a.shape != b.shape:
+            return float("inf")
+        worst = max(worst, float(((a - b).abs() / a.abs().clamp(min=1.0)).max()))
     return worst
+
+
+def max_error(old: fx.GraphModule, new: fx.GraphModule, inputs: list[dict], dtype: torch.dtype,
+              comparable=None, reference=None, exact: dict[str, Tensor] | None = None) -> float:
+    """`compare` of the two models' outputs in `dtype` (`old` run in `reference`, `new` with `exact`)."""
+    return compare(outputs(old, inputs, dtype, reference), outputs(new, inputs, dtype, None, exact), comparable)
 
 
 def _runner(model: fx.GraphModule, dtype: torch.dtype, exact: dict[str, Tensor] | None = None):

@@ -3,6 +3,8 @@ run without a float64 copy (Upcast) and the exact values of scaled tensors."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -110,4 +112,34 @@ def test_the_float64_check_sees_the_rule_not_its_rounding():
 def test_one_probe_batch_has_an_unpadded_and_padded_rows():
     (x,) = V.probes(mptc.spec_of(tiny("llama")))
     mask = x["attention_mask"]
-    assert mask.shape == (2, 16) and bool(mask[0].all()) and 0 < int(mask[1].sum()) < 16
+    assert mask.shape == (2, 8) and bool(mask[0].all()) and 0 < int(mask[1].sum()) < 8
+
+
+@pytest.mark.parametrize("first,runs", [(P.grow_mlp(hidden=100), 6), (P.grow_width(width=72), 7)], ids=str)
+def test_a_pipeline_hands_each_checked_model_s_outputs_to_the_next_check(first, runs, monkeypatch):
+    """Pass 2's old model is pass 1's new one: its probe outputs are reused, except float64 ones
+    computed with exact (unrounded) scaled tensors, which are not the rounded model's."""
+    from mptc.passes import pipeline as PL
+
+    calls = []
+    real = PL.outputs
+
+    def counted(model, inputs, dtype, reference=None, exact=None):
+        calls.append((dtype, bool(exact)))
+        return real(model, inputs, dtype, reference, exact)
+
+    monkeypatch.setattr(PL, "outputs", counted)
+    _, report = P.Pipeline([first, P.add_heads(n=2)])(tiny("llama"))
+    assert len(calls) == runs  # 4 for the first pass, 2 or 3 for the second
+    assert all(r.max_abs_error_float64 <= 1e-9 and r.max_abs_error_float32 <= 1e-5 for r in report.passes)
+    calls.clear()
+    P.Pipeline([P.grow_vocab(vocab=1100), P.grow_mlp(hidden=100)])(tiny("llama"))
+    assert len(calls) == 8  # the second check's probes draw ids from the larger vocab: nothing to reuse
+
+
+def test_probes_are_long_enough_for_a_sliding_window_to_cut_in():
+    spec = mptc.spec_of(tiny("llama"))
+    windowed = spec.replace(layers=[dataclasses.replace(ly, attention=dataclasses.replace(ly.attention, window=6))
+                                    for ly in spec.layers])
+    (x,) = V.probes(windowed)
+    assert x["input_ids"].shape == (2, 13)
