@@ -27,7 +27,7 @@ class Mode:
     export_families: tuple[str, ...] = ("gpt2", "llama")  # and of the export suite (others export untimed)
     shapes: tuple[tuple[int, int], ...] = ((1, 128), (8, 256))  # batch × sequence
     inf_warmup: int = 1  # warm-up rounds at the first shape (later shapes run in warm workers)
-    inf_reps: int = 9  # at most, per model and shape
+    inf_reps: int = 15  # at most, per model and shape (the cheap shapes get them all within the budget)
     inf_min_reps: int = 5
     inf_budget_s: float = 40.0  # per model and shape: no new round after this, once inf_min_reps are done
     matmul_n: int = 4096  # the float32 peak: torch.matmul of two n × n matrices, once per round
@@ -37,7 +37,7 @@ class Mode:
     export_reps: int = 1
     pass_limit: int | None = None  # at most this many passes per model (toy)
     pass_warmup: int = 0
-    pass_reps: int = 2
+    pass_reps: int = 4
     pass_budget_s: float = 100.0
     extract_shape: tuple[int, int] = (4, 128)
     extract_reps: int = 5

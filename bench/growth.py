@@ -6,7 +6,7 @@ written), as it would be right after training or a previous pass."""
 from __future__ import annotations
 
 from .config import Ctx
-from .harness import close_all, interleave, ratio, start_all
+from .harness import close_all, interleave, ratio, spread, start_all
 
 
 def calls(spec, family: str) -> list[str]:
@@ -70,7 +70,7 @@ def run(ctx: Ctx) -> dict:
         rows.append({"model": fam, "title": prep.title, "call": "load+save", **base.to_json()})
         for c in cs:
             rows.append({"model": fam, "title": prep.title, "call": c, **st[c].to_json(),
-                         "vs_load_save": _r(ratio(st[c], base))})
+                         "vs_load_save": _r(ratio(st[c], base)), "vs_load_save_spread": spread(st[c], base)})
     return {"rows": rows}
 
 

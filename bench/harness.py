@@ -330,14 +330,28 @@ def _num(x: float) -> float | None:
     return None if x != x else round(x, 6)  # NaN → null in JSON
 
 
-def ratio(a: Stats, b: Stats) -> float:
-    """Median over rounds of a's time / b's time in the same round (NaN when either is missing); over
-    the rounds where both began on a quiet machine, when there are enough of them."""
+def _pairs(a: Stats, b: Stats) -> list[float]:
+    """Per round, a's time / b's time: over the rounds where both began on a quiet machine, when
+    there are enough of them."""
     rounds = list(zip(a.times, b.times, a.clean(), b.clean(), strict=False))
     pairs = [x / y for x, y, ca, cb in rounds if y > 0 and ca and cb]
-    if len(pairs) < MIN_CLEAN:
-        pairs = [x / y for x, y, _, _ in rounds if y > 0]
+    return pairs if len(pairs) >= MIN_CLEAN else [x / y for x, y, _, _ in rounds if y > 0]
+
+
+def ratio(a: Stats, b: Stats) -> float:
+    """Median over rounds of a's time / b's time in the same round (NaN when either is missing)."""
+    pairs = _pairs(a, b)
     return statistics.median(pairs) if pairs else float("nan")
+
+
+def spread(a: Stats, b: Stats) -> list[float] | None:
+    """The middle half (quartiles) of the per-round ratios behind `ratio`: how far one run's ratio
+    can be trusted on this machine."""
+    pairs = _pairs(a, b)
+    if len(pairs) < 4:
+        return None
+    q = statistics.quantiles(pairs, n=4)
+    return [round(q[0], 4), round(q[2], 4)]
 
 
 def interleave(cands: dict[str, tuple[Worker, str]], warmup: int = 1, reps: int = 3, budget_s: float | None = None,

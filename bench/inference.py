@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from .config import Ctx
-from .harness import close_all, interleave, ratio, start_all
+from .harness import close_all, interleave, ratio, spread, start_all
 from .models import flops
 
 CANDIDATES = ("mptc", "hf_eager", "hf_sdpa", "ort")
@@ -149,6 +149,7 @@ def run(ctx: Ctx) -> dict:
                         "label": LABELS[name], "flops": fl, **s.to_json(),
                         "vs_hf_eager": _r(ratio(s, st["hf_eager"])), "vs_hf_sdpa": _r(ratio(s, st["hf_sdpa"])),
                         "vs_mptc": _r(ratio(s, st["mptc"])),
+                        "vs_hf_eager_spread": spread(s, st["hf_eager"]), "vs_mptc_spread": spread(s, st["mptc"]),
                         "gflops": _r(fl / s.median / 1e9) if s.times else None,
                         "setup_s": round(workers[name].info.get("setup_seconds", float("nan")), 2),
                     })
