@@ -111,7 +111,9 @@ def run(ctx: Ctx) -> dict:
         rows.append({"model": fam, "title": prep.title, "mptc": m.to_json(), "hf": h.to_json(),
                      "ratio_with_check": _r(ratio(m, h)),
                      "ratio_export_only": _r(exp_only / h.median) if exp_only and h.times else None})
-    return {"rows": rows}
+    from mptc.export import ONNX_OPSET
+
+    return {"rows": rows, "opset": ONNX_OPSET}
 
 
 def _r(x: float) -> float | None:

@@ -210,7 +210,8 @@ def _export(ex: dict | None) -> list[str]:
     if not ex:
         return []
     out = ["", "## ONNX export", "",
-         "`mptc.export_onnx` (torch.onnx dynamo exporter, opset 18, dynamic batch and sequence) and its "
+         f"`mptc.export_onnx` (torch.onnx dynamo exporter, opset {ex.get('opset', 18)}, dynamic batch and "
+         "sequence) and its "
          "`onnx.checker` full check, against `torch.onnx.export(..., dynamo=True)` of the transformers model "
          "(default sdpa attention, `use_cache=False`, the same dynamic axes and input names). One export per "
          "side after a warm-up export of a toy model in the same process.", ""]
