@@ -7,7 +7,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
-from torch.utils._pytree import tree_map
+from torch.fx.node import map_aggregate
 
 from mptc import spec as S
 from mptc.export import example_inputs
@@ -85,8 +85,10 @@ class Upcast(fx.Interpreter):
         """Any large parameter an op other than embedding and linear reads, widened whole."""
         if not self._large:
             return args, kwargs
-        return tree_map(lambda t: t.to(self.dtype) if torch.is_tensor(t) and id(t) in self._large else t,
-                        (args, kwargs))
+        def widen(t):
+            return t.to(self.dtype) if torch.is_tensor(t) and id(t) in self._large else t
+
+        return map_aggregate(args, widen), map_aggregate(kwargs, widen)
 
     def _linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
         """F.linear with a large weight (out, in), widened a slab of output rows at a time."""

@@ -13,7 +13,9 @@ from mptc import passes as P
 from mptc.passes import verify as V
 from mptc.passes.engine import grouped_grow_map, grow_map, kept_entries, put, take
 
-from .conftest import tiny
+from .conftest import TINY, tiny
+
+SPECS = TINY[0].parent
 
 
 def test_kept_entries_are_slices_for_runs_and_indices_otherwise():
@@ -82,19 +84,31 @@ def test_a_tensor_changed_without_a_claim_is_caught(monkeypatch):
         P.Pipeline([P.grow_mlp(hidden=100)])(tiny("llama"))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])  # tied and untied token tables
+def _specs() -> dict[str, mptc.Spec]:
+    from .test_mpt import FEATURES, variant
+
+    out = {p.stem: mptc.load(p) for p in [*TINY, SPECS / "nested-lm.mpt", SPECS / "nested-vit.mpt"]}
+    return out | {f"mpt-{k}": variant(*v) for k, v in FEATURES.items()}
+
+
+@pytest.mark.parametrize("name", sorted(_specs()))
 def test_upcast_runs_like_a_float64_copy(name, monkeypatch):
-    monkeypatch.setattr(V, "PIECE", 1000)  # the token table and head count as large: gathered and sliced
-    model = tiny(name)
-    spec = mptc.spec_of(model)
+    """Every op of every kind of model, with (nearly) every parameter taking the large-tensor
+    path: gathered by embeddings, sliced in linear layers, widened whole anywhere else."""
+    from .test_mpt import _perturbed
+
+    monkeypatch.setattr(V, "PIECE", 100)
+    spec = _specs()[name]
+    model = _perturbed(spec)
     wide = {k: v.double() for k, v in model.state_dict().items()}
     copy64 = mptc.build(spec, weights=wide, dtype=torch.float64).eval()
     x = mptc.example_inputs(spec, batch=2, seq=9, seed=3, padded=True)
+    x = {k: v.double() if v.is_floating_point() else v for k, v in x.items()}  # pixels, conditions
     run = V.Upcast(model, torch.float64)
     with torch.no_grad():
         got, want = run(**x), copy64(**x)
     assert got.dtype == torch.float64 and run._large  # the large-tensor path was taken
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is untouched
 
 
