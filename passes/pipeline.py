@@ -77,6 +77,7 @@ class Pipeline:
         if problems:
             raise PassError(f"{p} produced an inconsistent model: " + "; ".join(problems[:5]))
         if not p.exact:
+            carry.keep(None, {})  # nothing checked, nothing to hand on
             return float("nan"), float("nan")
         inputs = probes(spec_of(old))
         exact = exact_values(old, new, cert)
@@ -113,7 +114,7 @@ class Carry:
             for a, b in zip(inputs, self.inputs, strict=True))
         return self.out if same else {}
 
-    def keep(self, inputs: list[dict], out: dict[torch.dtype, list[torch.Tensor]]) -> None:
+    def keep(self, inputs: list[dict] | None, out: dict[torch.dtype, list[torch.Tensor]]) -> None:
         self.inputs, self.out = inputs, out
 
 

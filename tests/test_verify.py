@@ -149,6 +149,13 @@ def test_a_pipeline_hands_each_checked_model_s_outputs_to_the_next_check(first, 
     calls.clear()
     P.Pipeline([P.grow_vocab(vocab=1100), P.grow_mlp(hidden=100)])(tiny("llama"))
     assert len(calls) == 8  # the second check's probes draw ids from the larger vocab: nothing to reuse
+    calls.clear()
+
+    class Unchecked(P.GrowMLP):  # a pass that does not claim to keep the function
+        exact = False
+
+    P.Pipeline([P.grow_mlp(hidden=100), Unchecked(hidden=120), P.add_heads(n=2)])(tiny("llama"))
+    assert len(calls) == 8  # nothing is handed across a pass whose behaviour was not checked
 
 
 def test_probes_are_long_enough_for_a_sliding_window_to_cut_in():
