@@ -71,7 +71,8 @@ def build(spec: S.Spec, weights: str | os.PathLike | dict | None = None, seed: i
     gm.meta["mptc.spec"] = spec
     gm.meta["mptc.params"] = low.params
     if weights is not None:
-        load_weights(gm, weights, device)
+        _load_weights(gm, weights, low.params)
+        gm.to(device)
     elif not on_meta:
         init_weights(gm, seed)
     return gm.to(dtype)
@@ -95,11 +96,7 @@ def init_weights(model: fx.GraphModule, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
 
 
-def load_weights(gm: fx.GraphModule, weights: str | os.PathLike | dict, device: str | torch.device = "cpu") -> None:
-    """Give a module built on the meta device its tensors (a safetensors file, a model dir or a
-    state dict). Tensors of a state dict are taken as they are, not copied (float64 stays float64,
-    other dtypes become float32)."""
-    params = param_info(gm)
+def _load_weights(gm: fx.GraphModule, weights, params: dict[str, NodeInfo]) -> None:
     where = "the state dict"
     if isinstance(weights, dict):
         sd = weights
@@ -129,7 +126,6 @@ def load_weights(gm: fx.GraphModule, weights: str | os.PathLike | dict, device: 
                             hint="the weights were written for a different spec")
     gm.load_state_dict({k: sd[k].float() if sd[k].dtype != torch.float64 else sd[k] for k in params},
                        strict=True, assign=True)
-    gm.to(device)
 
 
 def load_model(path: str | os.PathLike, seed: int = 0, dtype: torch.dtype | str = torch.float32) -> fx.GraphModule:

@@ -20,7 +20,7 @@ from torch import Tensor, fx
 from mptc import spec as S
 from mptc.errors import MptcError
 from mptc.lower import NodeInfo, sizes
-from mptc.model import build, load_weights, param_info, spec_of
+from mptc.model import build, param_info, spec_of
 
 # --- the coupling graph ----------------------------------------------------------------
 
@@ -315,7 +315,7 @@ def remap(model: fx.GraphModule, change: Change) -> tuple[fx.GraphModule, Certif
         new_sd[name] = new
         cert.claims.append(TensorClaim(name, src_name, tuple(old.shape) if old is not None else None, shape,
                                        srcs, scale, zero_axes, all_zero, fresh))
-    load_weights(out, new_sd)
+    out.load_state_dict(new_sd, strict=True, assign=True)  # the tensors themselves: no copy, dtype kept
     out.train(model.training)
     return out, cert
 

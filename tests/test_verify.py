@@ -65,6 +65,15 @@ def test_unchanged_tensors_are_shared_not_copied():
         assert (t.data_ptr() == old_sd[name].data_ptr()) == (name not in changed), name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_pass_keeps_the_model_s_dtype(dtype):
+    model = tiny("llama").to(dtype)
+    new, report = P.Pipeline([P.grow_mlp(hidden=100), P.add_heads(n=2)])(model)
+    assert {p.dtype for p in new.parameters()} == {dtype}
+    assert all(r.max_abs_error_float64 == 0 and r.max_abs_error_float32 == 0 for r in report.passes)
+    assert new.get_parameter("embed.tokens.weight").data_ptr() == model.get_parameter("embed.tokens.weight").data_ptr()
+
+
 def test_a_tensor_changed_without_a_claim_is_caught(monkeypatch):
     import mptc.passes.engine as E
 
