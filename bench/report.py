@@ -316,8 +316,8 @@ def _method(res: dict) -> list[str]:
             "and medians and ratios leave contended runs out when at least three clean ones remain "
             "(`runs_used` in the JSON).",
             "- Noise: on this shared virtual machine one op's time varies by ±30 % between rounds even with the "
-            "CPUs otherwise idle (memory first touched after a free is faulted in from the host again, at a cost "
-            "that varies with the host's load). The JSON keeps the quartiles of each target's per-round ratios "
+            "CPUs otherwise idle; much of it is page-fault time, which for the same number of faults varied "
+            "fivefold between runs. The JSON keeps the quartiles of each target's per-round ratios "
             "(`*_spread`); a miss whose middle half of per-round ratios straddles the target is marked as within "
             "the run's noise.",
             "- Peak Δ MiB: the op's peak resident memory above the process's resident memory just before it "
