@@ -350,15 +350,16 @@ def _free(info: NodeInfo, shape: tuple[int, ...], old: Tensor | None, srcs: list
             at = new_entries(s)
             if at is None or zero[ax]:
                 continue
-            slab = torch.empty(shape[:ax] + (len(at),) + shape[ax + 1:], dtype=dtype)
-            if not _is_run(at):
-                out.index_copy_(ax, at, slab.normal_(0.0, std, generator=gen))
-                continue
-            view = out.narrow(ax, int(at[0]), len(at))
-            if view.is_contiguous():  # drawn in place
+            view = out.narrow(ax, int(at[0]), len(at)) if _is_run(at) else None
+            if view is not None and view.is_contiguous():  # drawn in place
                 view.normal_(0.0, std, generator=gen)
-            else:  # drawing into a strided view is slow: draw contiguous, then copy
-                view.copy_(slab.normal_(0.0, std, generator=gen))
+                continue
+            # drawing into a strided view is slow: draw a contiguous slab, then copy it in
+            slab = torch.empty(shape[:ax] + (len(at),) + shape[ax + 1:], dtype=dtype).normal_(0.0, std, generator=gen)
+            if view is not None:
+                view.copy_(slab)
+            else:
+                out.index_copy_(ax, at, slab)
     for ax, z in enumerate(zero):
         at = new_entries(srcs[ax]) if z else None
         if at is not None:

@@ -39,11 +39,11 @@ PIECE = 1 << 22  # elements (32 MiB in float64): larger tensors are widened a pi
 
 
 class Upcast(fx.Interpreter):
-    """Run a model in a wider dtype without a widened copy of it: each parameter is converted as
-    the graph reads it and freed after its last use; a large one (a token table, an output head)
-    is widened only where it is used: the rows an embedding picks, a slab of rows at a time in a
-    linear layer. So the run allocates little more than one layer's weights, and the memory it
-    frees is reused by the next conversion instead of being mapped afresh.
+    """Run a model in another dtype (float64 for the exact check) without a converted copy of it:
+    each parameter is converted as the graph reads it and freed after its last use; a large one
+    (a token table, an output head) is converted only where it is used: the rows an embedding
+    picks, a slab of rows at a time in a linear layer. So the run allocates little more than one
+    layer's weights, and the memory it frees is reused by the next conversion.
 
     `exact` replaces some parameters by values given in the wide dtype (a scaled tensor before it
     was rounded to the model's dtype).
