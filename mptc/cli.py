@@ -429,10 +429,13 @@ def cmd_verify(args) -> int:
     from .verify import compare
 
     res = compare(args.a, args.b, seed=args.seed)
-    ok = res.max_abs <= args.tol
+    ok = res.agree(args.tol)
     note = f" (first {res.compared} outputs of {res.width_b})" if res.compared != res.width_b else ""
     print(f"{args.a} vs {args.b}: max abs error {res.max_abs:.3g}, max rel error {res.max_rel:.3g} over "
           f"{res.batches} probe batches{note}: {'agree' if ok else 'DIFFER'} (tol {args.tol:g})")
+    for name, bad in ((args.a, res.nonfinite_a), (args.b, res.nonfinite_b)):
+        if bad:
+            print(f"{name}: {bad} outputs are NaN or infinite", file=sys.stderr)
     return 0 if ok else 1
 
 

@@ -15,11 +15,17 @@ from .model import load, load_model
 
 @dataclass
 class Comparison:
-    max_abs: float
+    max_abs: float  # NaN when either model has a NaN or infinite output
     max_rel: float  # max abs error / largest |output of A|
     batches: int
     compared: int  # size of the last output axis that was compared
     width_b: int
+    nonfinite_a: int = 0  # NaN or ±inf outputs of A, of B
+    nonfinite_b: int = 0
+
+    def agree(self, tol: float) -> bool:
+        """Within `tol`, with every output of both models finite."""
+        return self.nonfinite_a == 0 and self.nonfinite_b == 0 and self.max_abs <= tol
 
 
 def _runner(path: str, seed: int):
@@ -45,7 +51,7 @@ def compare(a: str, b: str, seed: int = 0, batches: int = 3) -> Comparison:
     if spec_a is not None and spec_b is not None and spec_b.vocab and spec_a.vocab and spec_b.vocab < spec_a.vocab:
         spec = spec_b  # probes valid for both
     worst_abs = worst_rel = 0.0
-    compared = width_b = 0
+    compared = width_b = bad_a = bad_b = 0
     for i in range(batches):
         x = {k: v.numpy() for k, v in example_inputs(spec, batch=2, seq=16, seed=seed + i, padded=i % 2 == 1).items()}
         ya, yb = run_a(x).astype(np.float64), run_b(x).astype(np.float64)
@@ -55,7 +61,11 @@ def compare(a: str, b: str, seed: int = 0, batches: int = 3) -> Comparison:
         n = min(ya.shape[-1], yb.shape[-1])
         ya, yb = ya[..., :n], yb[..., :n]
         compared = n
+        bad_a += int((~np.isfinite(ya)).sum())
+        bad_b += int((~np.isfinite(yb)).sum())
         diff = np.abs(ya - yb)
         worst_abs = max(worst_abs, float(diff.max()))
         worst_rel = max(worst_rel, float(diff.max() / max(np.abs(ya).max(), 1e-30)))  # relative to the largest output
-    return Comparison(worst_abs, worst_rel, batches, compared, width_b)
+    if bad_a or bad_b:  # NaN compares false with everything: never let it read as a small error
+        worst_abs = worst_rel = float("nan")
+    return Comparison(worst_abs, worst_rel, batches, compared, width_b, bad_a, bad_b)

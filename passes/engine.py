@@ -208,6 +208,14 @@ def new_entries(s: Tensor | None) -> Tensor | None:
     return at if len(at) else None
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Equal entries, NaN equal to NaN: a copied NaN is a faithful copy (the behaviour check is
+    what refuses non-finite models)."""
+    if torch.equal(a, b):  # the common case, without temporaries
+        return True
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
 def check_claim(c: TensorClaim, old: Tensor | None, new: Tensor) -> str | None:
     """Check one claim against the weights; the reason it fails, or None."""
     if tuple(new.shape) != c.new_shape:
@@ -218,7 +226,7 @@ def check_claim(c: TensorClaim, old: Tensor | None, new: Tensor) -> str | None:
         return None
     assert old is not None
     new_sel, old_sel = kept_entries(c.srcs)
-    if not torch.equal(take(new, new_sel), scaled(take(old, old_sel), c.scale, new.dtype)):
+    if not _same(take(new, new_sel), scaled(take(old, old_sel), c.scale, new.dtype)):
         return f"{c.name}: the entries taken from {c.source} differ from it" + \
             (f" × {c.scale:.6g}" if c.scale != 1.0 else "")
     for ax, z in enumerate(c.zero):

@@ -12,7 +12,17 @@ from mptc.model import spec_of
 
 from .base import Pass, PassError
 from .engine import Certificate, TensorClaim, kept_entries, put, take
-from .verify import F32_TOL, F64_TOL, certificate_problems, compare, exact_values, outputs, probes, well_formed
+from .verify import (
+    F32_TOL,
+    F64_TOL,
+    certificate_problems,
+    compare,
+    exact_values,
+    nonfinite,
+    outputs,
+    probes,
+    well_formed,
+)
 
 
 @dataclass
@@ -87,6 +97,13 @@ class Pipeline:
         for dtype, ex in ((torch.float64, exact), (torch.float32, None)):
             before = handed.get(dtype) or outputs(old, inputs, dtype, reference)
             after = outputs(new, inputs, dtype, None, ex)
+            if bad := nonfinite(before):
+                raise PassError(f"{p} cannot be checked: the model it was given has {bad} NaN or infinite "
+                                f"outputs on the probe batches ({_dtype_name(dtype)})",
+                                hint="its weights hold NaN or inf values, or overflow in this dtype")
+            if bad := nonfinite(after):
+                raise PassError(f"{p} produced a model with {bad} NaN or infinite outputs on the probe batches "
+                                f"({_dtype_name(dtype)}), where the model it was given has none")
             errors.append(compare(before, after, p.comparable))
             if not ex:
                 kept[dtype] = after
@@ -116,6 +133,10 @@ class Carry:
 
     def keep(self, inputs: list[dict] | None, out: dict[torch.dtype, list[torch.Tensor]]) -> None:
         self.inputs, self.out = inputs, out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _count(model: fx.GraphModule) -> int:

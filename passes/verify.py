@@ -135,15 +135,29 @@ def outputs(model: fx.GraphModule, inputs: list[dict], dtype: torch.dtype, refer
 
 
 def compare(old: list[Tensor], new: list[Tensor], comparable=None) -> float:
-    """Max abs difference between two runs' outputs, relative to max(1, |old output|)."""
+    """Max abs difference between two runs' outputs, relative to max(1, |old output|); NaN when
+    either run has a NaN or infinite output (so no tolerance test `err <= tol` can pass it)."""
     worst = 0.0
     for a, b in zip(old, new, strict=True):
         if comparable is not None:
             a, b = comparable(a, b)
         if a.shape != b.shape:
             return float("inf")
+        if nonfinite([a, b]):
+            return float("nan")
         worst = max(worst, float(((a - b).abs() / a.abs().clamp(min=1.0)).max()))
     return worst
+
+
+def nonfinite(tensors: list[Tensor]) -> int:
+    """How many entries of these tensors are NaN or ±inf."""
+    return sum(_nonfinite(t) for t in tensors if t.is_floating_point())
+
+
+def _nonfinite(t: Tensor) -> int:
+    if bool(torch.isfinite(t.sum())):  # NaN and ±inf reach the sum: no temporary the size of `t`
+        return 0
+    return int((~torch.isfinite(t)).sum())  # or the sum overflowed
 
 
 def max_error(old: fx.GraphModule, new: fx.GraphModule, inputs: list[dict], dtype: torch.dtype,
@@ -182,7 +196,10 @@ def certificate_problems(old: fx.GraphModule, new: fx.GraphModule, cert: Certifi
         if a is None or not (a.data_ptr() == b.data_ptr() and a.shape == b.shape or torch.equal(a, b)):
             out.append(f"{name}: claimed unchanged from {src}, but it differs")
     for c in cert.claims:
-        why = check_claim(c, old_sd.get(c.source) if c.source else None, new_sd[c.name])
+        t, src = new_sd[c.name], old_sd.get(c.source) if c.source else None
+        why = check_claim(c, src, t)
         if why:
             out.append(why)
+        elif (bad := nonfinite([t]) - (nonfinite([src]) if src is not None and not c.fresh else 0)) > 0:
+            out.append(f"{c.name}: {bad} of its new entries are NaN or infinite")  # the kept ones equal the old
     return out
