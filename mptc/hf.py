@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, fx
 
@@ -31,7 +31,7 @@ from . import spec as S
 from .atomic import atomic_dir
 from .errors import MptcError
 from .lower import lower
-from .model import SPEC_FILE, WEIGHTS_FILE, build, param_info, spec_of
+from .model import SPEC_FILE, WEIGHTS_FILE, build, load_model, param_info, spec_of
 from .printer import format_spec
 from .schema import parse
 
@@ -111,9 +111,10 @@ BERT_WEIGHTS: dict[str, Map] = {
     **_wb("layers.{i}.mlp_norm", f"{_BL}.output.LayerNorm"),
     **_wb("head.transform", "cls.predictions.transform.dense"),  # BertForMaskedLM
     **_wb("head.transform_norm", "cls.predictions.transform.LayerNorm"),
-    "head.bias": _one(("cls.predictions.bias", "cls.predictions.decoder.bias")),  # tied decoder
+    "head.bias": _one(("cls.predictions.bias", "cls.predictions.decoder.bias")),  # tied: the decoder reuses `bias`
     "head.out.weight": _one(("classifier.weight", "cls.predictions.decoder.weight")),  # classifier, or untied
-    "head.out.bias": _one(("classifier.bias", "cls.predictions.bias")),
+    # untied: transformers 5 uses `decoder.bias` (and stores an unused `bias` too); older checkpoints hold one `bias`
+    "head.out.bias": _one(("classifier.bias", "cls.predictions.decoder.bias", "cls.predictions.bias")),
     **_wb("head.pooler", "bert.pooler.dense"),  # BertForSequenceClassification
 }
 
@@ -150,6 +151,30 @@ def _get(cfg: Config, key: str, default: Any = _MISSING) -> Any:
     return v
 
 
+def _json(v: Any) -> str:
+    try:
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+def _int(cfg: Config, key: str, least: int = 1, null: bool = False) -> int | None:
+    """A whole-number field (`null` allows None)."""
+    v = _get(cfg, key, None) if null else _get(cfg, key)
+    if v is None and null:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+        raise MptcError(f"config.json: `{key}` must be a whole number ≥ {least}, got {_json(v)}")
+    return v
+
+
+def _num(cfg: Config, key: str, default: Any = _MISSING) -> float:
+    v = _get(cfg, key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise MptcError(f"config.json: `{key}` must be a number, got {_json(v)}")
+    return float(v)
+
+
 def _act(cfg: Config, key: str, table: dict[str, str]) -> str:
     act = _get(cfg, key)
     if act not in table:
@@ -165,11 +190,15 @@ def _num_labels(cfg: Config) -> int:
 def _rope_theta(cfg: Config) -> float:
     """The rope base; any rope scaling (linear, dynamic, yarn, llama3, …) is refused."""
     for key in ("rope_scaling", "rope_parameters"):  # the older and the transformers 5 spelling
-        kind = (cfg.get(key) or {}).get("rope_type", (cfg.get(key) or {}).get("type", "default"))
+        rope = cfg.get(key) or {}
+        if not isinstance(rope, dict):
+            raise MptcError(f"config.json: `{key}` must be an object, got {_json(rope)}")
+        kind = rope.get("rope_type", rope.get("type", "default"))
         if kind != "default":
             raise MptcError(f"unsupported rope_scaling type '{kind}' (in `{key}`)",
                             hint="mptc has plain rope only: a theta, no scaling (linear, dynamic, yarn, llama3, …)")
-    return float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    params = cfg.get("rope_parameters") or {}
+    return _num(params, "rope_theta") if "rope_theta" in params else _num(cfg, "rope_theta", 10000.0)
 
 
 def _refuse_if(cfg: Config, key: str, bad: Callable[[Any], bool], why: str) -> None:
@@ -178,21 +207,21 @@ def _refuse_if(cfg: Config, key: str, bad: Callable[[Any], bool], why: str) -> N
 
 
 def _init(cfg: Config) -> S.Init:
-    return S.Init(float(cfg.get("initializer_range", 0.02)))
+    return S.Init(_num(cfg, "initializer_range", 0.02))
 
 
 def _gpt2_spec(cfg: Config, head: str) -> S.Spec:
     for key in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
         _refuse_if(cfg, key, bool, "mptc attention is plain scaled dot-product self-attention")
     _refuse_if(cfg, "scale_attn_weights", lambda v: not v, "mptc always scales scores by 1/√head_dim")
-    d, h = _get(cfg, "n_embd"), _get(cfg, "n_head")
-    norm = S.Norm("layernorm", float(_get(cfg, "layer_norm_epsilon")))
-    att = S.Attention(h, h, d // h, d // h, dropout=float(_get(cfg, "attn_pdrop")))
-    mlp = S.MLP(cfg.get("n_inner") or 4 * d, _act(cfg, "activation_function", PLAIN_ACTS))
-    layer = S.Layer(att, mlp, norm, dropout=float(_get(cfg, "resid_pdrop")))
+    d, h = _int(cfg, "n_embd"), _int(cfg, "n_head")
+    norm = S.Norm("layernorm", _num(cfg, "layer_norm_epsilon"))
+    att = S.Attention(h, h, d // h, d // h, dropout=_num(cfg, "attn_pdrop"))
+    mlp = S.MLP(_int(cfg, "n_inner", null=True) or 4 * d, _act(cfg, "activation_function", PLAIN_ACTS))
+    layer = S.Layer(att, mlp, norm, dropout=_num(cfg, "resid_pdrop"))
     hd = S.Head("lm", norm, tied=bool(_get(cfg, "tie_word_embeddings"))) if head == "lm" else S.Head("none", norm)
-    return S.Spec("gpt2", d, (layer,) * _get(cfg, "n_layer"), hd, _get(cfg, "vocab_size"), _get(cfg, "n_positions"),
-                  S.Embed(dropout=float(_get(cfg, "embd_pdrop"))), _init(cfg))
+    return S.Spec("gpt2", d, (layer,) * _int(cfg, "n_layer"), hd, _int(cfg, "vocab_size"), _int(cfg, "n_positions"),
+                  S.Embed(dropout=_num(cfg, "embd_pdrop")), _init(cfg))
 
 
 def _no_window(cfg: Config, n: int) -> list[int | None]:
@@ -200,15 +229,15 @@ def _no_window(cfg: Config, n: int) -> list[int | None]:
 
 
 def _mistral_window(cfg: Config, n: int) -> list[int | None]:
-    return [cfg.get("sliding_window")] * n  # null: none
+    return [_int(cfg, "sliding_window", null=True)] * n  # null: none
 
 
 def _qwen2_window(cfg: Config, n: int) -> list[int | None]:
     """Only with use_sliding_window, on the layers `layer_types` marks (else from `max_window_layers` on)."""
-    w = cfg.get("sliding_window")
+    w = _int(cfg, "sliding_window", null=True)
     if not cfg.get("use_sliding_window") or w is None:
         return [None] * n
-    types = cfg.get("layer_types") or ["sliding_attention" if i >= _get(cfg, "max_window_layers") else
+    types = cfg.get("layer_types") or ["sliding_attention" if i >= _int(cfg, "max_window_layers", 0) else
                                        "full_attention" for i in range(n)]
     return [w if t == "sliding_attention" else None for t in types]
 
@@ -219,18 +248,18 @@ def _llama_spec(cfg: Config, head: str, name: str, window: Callable[[Config, int
 
     bias: (q/k/v, o) where the family fixes it (Mistral none, Qwen2 q/k/v only), else `attention_bias` for all four.
     """
-    d, h = _get(cfg, "hidden_size"), _get(cfg, "num_attention_heads")
-    k = cfg.get("head_dim") or d // h
+    d, h = _int(cfg, "hidden_size"), _int(cfg, "num_attention_heads")
+    k = _int(cfg, "head_dim", null=True) or d // h
     theta = _rope_theta(cfg)
     qkv_bias, o_bias = bias or (bool(cfg.get("attention_bias", False)),) * 2
-    norm = S.Norm("rmsnorm", float(_get(cfg, "rms_norm_eps")))
-    mlp = S.MLP(_get(cfg, "intermediate_size"), _act(cfg, "hidden_act", GATED_ACTS), bool(cfg.get("mlp_bias", False)))
+    norm = S.Norm("rmsnorm", _num(cfg, "rms_norm_eps"))
+    mlp = S.MLP(_int(cfg, "intermediate_size"), _act(cfg, "hidden_act", GATED_ACTS), bool(cfg.get("mlp_bias", False)))
     layers = tuple(
-        S.Layer(S.Attention(h, cfg.get("num_key_value_heads") or h, k, k, bias=qkv_bias, out_bias=o_bias,
-                            dropout=float(_get(cfg, "attention_dropout")), rotary_dim=k, window=w), mlp, norm)
-        for w in window(cfg, _get(cfg, "num_hidden_layers")))
+        S.Layer(S.Attention(h, _int(cfg, "num_key_value_heads", null=True) or h, k, k, bias=qkv_bias, out_bias=o_bias,
+                            dropout=_num(cfg, "attention_dropout"), rotary_dim=k, window=w), mlp, norm)
+        for w in window(cfg, _int(cfg, "num_hidden_layers")))
     hd = S.Head("lm", norm, tied=bool(_get(cfg, "tie_word_embeddings"))) if head == "lm" else S.Head("none", norm)
-    return S.Spec(name, d, layers, hd, _get(cfg, "vocab_size"), cfg.get("max_position_embeddings"),
+    return S.Spec(name, d, layers, hd, _int(cfg, "vocab_size"), _int(cfg, "max_position_embeddings", null=True),
                   S.Embed(positions=S.Positions("rope", theta)), _init(cfg))
 
 
@@ -238,40 +267,40 @@ def _bert_spec(cfg: Config, head: str) -> S.Spec:
     _refuse_if(cfg, "position_embedding_type", lambda v: v != "absolute", "mptc has absolute (learned) positions only")
     for key in ("is_decoder", "add_cross_attention"):
         _refuse_if(cfg, key, bool, "mptc imports BERT as a bidirectional encoder")
-    d, h = _get(cfg, "hidden_size"), _get(cfg, "num_attention_heads")
-    norm = S.Norm("layernorm", float(_get(cfg, "layer_norm_eps")))
+    d, h = _int(cfg, "hidden_size"), _int(cfg, "num_attention_heads")
+    norm = S.Norm("layernorm", _num(cfg, "layer_norm_eps"))
     act = _act(cfg, "hidden_act", PLAIN_ACTS)
-    drop = float(_get(cfg, "hidden_dropout_prob"))
-    att = S.Attention(h, h, d // h, d // h, "bidirectional", dropout=float(_get(cfg, "attention_probs_dropout_prob")))
-    layer = S.Layer(att, S.MLP(_get(cfg, "intermediate_size"), act), norm, "post", drop)
+    drop = _num(cfg, "hidden_dropout_prob")
+    att = S.Attention(h, h, d // h, d // h, "bidirectional", dropout=_num(cfg, "attention_probs_dropout_prob"))
+    layer = S.Layer(att, S.MLP(_int(cfg, "intermediate_size"), act), norm, "post", drop)
     heads = {"mlm": S.Head("lm", tied=bool(_get(cfg, "tie_word_embeddings")), bias=True,
                            transform=S.Transform(act, norm)),
              "classify": S.Head("classify", bias=True, classes=_num_labels(cfg), pool="first", pooler=True),
              "none": S.Head("none")}
-    embed = S.Embed(positions=S.Positions("learned"), dropout=drop, norm=norm, segments=_get(cfg, "type_vocab_size"))
-    return S.Spec("bert", d, (layer,) * _get(cfg, "num_hidden_layers"), heads[head], _get(cfg, "vocab_size"),
-                  _get(cfg, "max_position_embeddings"), embed, _init(cfg))
+    embed = S.Embed(positions=S.Positions("learned"), dropout=drop, norm=norm, segments=_int(cfg, "type_vocab_size", 0))
+    return S.Spec("bert", d, (layer,) * _int(cfg, "num_hidden_layers"), heads[head], _int(cfg, "vocab_size"),
+                  _int(cfg, "max_position_embeddings"), embed, _init(cfg))
 
 
 def _square(cfg: Config, key: str) -> int:
     v = _get(cfg, key)
-    if isinstance(v, (list, tuple)):
+    if isinstance(v, (list, tuple)) and v:
         if len(set(v)) != 1:
             raise MptcError(f"unsupported {key} = {list(v)}: mptc images and patches are square")
         v = v[0]
-    return int(v)
+    return _int({key: v}, key)
 
 
 def _vit_spec(cfg: Config, head: str) -> S.Spec:
-    d, h = _get(cfg, "hidden_size"), _get(cfg, "num_attention_heads")
-    norm = S.Norm("layernorm", float(_get(cfg, "layer_norm_eps")))
-    drop = float(_get(cfg, "hidden_dropout_prob"))
+    d, h = _int(cfg, "hidden_size"), _int(cfg, "num_attention_heads")
+    norm = S.Norm("layernorm", _num(cfg, "layer_norm_eps"))
+    drop = _num(cfg, "hidden_dropout_prob")
     att = S.Attention(h, h, d // h, d // h, "bidirectional", bias=bool(_get(cfg, "qkv_bias")), out_bias=True,
-                      dropout=float(_get(cfg, "attention_probs_dropout_prob")))
-    layer = S.Layer(att, S.MLP(_get(cfg, "intermediate_size"), _act(cfg, "hidden_act", PLAIN_ACTS)), norm, "pre", drop)
-    patches = S.Patches(_square(cfg, "image_size"), _square(cfg, "patch_size"), int(_get(cfg, "num_channels")))
+                      dropout=_num(cfg, "attention_probs_dropout_prob"))
+    layer = S.Layer(att, S.MLP(_int(cfg, "intermediate_size"), _act(cfg, "hidden_act", PLAIN_ACTS)), norm, "pre", drop)
+    patches = S.Patches(_square(cfg, "image_size"), _square(cfg, "patch_size"), _int(cfg, "num_channels"))
     hd = S.Head("classify", norm, bias=True, classes=_num_labels(cfg)) if head == "classify" else S.Head("none", norm)
-    return S.Spec("vit", d, (layer,) * _get(cfg, "num_hidden_layers"), hd,
+    return S.Spec("vit", d, (layer,) * _int(cfg, "num_hidden_layers"), hd,
                   embed=S.Embed(patches, S.Positions("learned"), drop), init=_init(cfg))
 
 
@@ -288,6 +317,9 @@ class Family:
     spec: Callable[[Config, str], S.Spec]
     weights: dict[str, Map]
     defaults: Config  # the config class's defaults, for keys a config.json leaves out
+    layers_key: str = "num_hidden_layers"  # the config field that counts layers, for messages
+    extras: tuple[str, ...] = ()  # checkpoint tensors the model does not use, and transformers does not either
+    tied: tuple[str, ...] = ()  # copies of a tensor the model reads elsewhere: allowed when the head is tied
 
 
 _DECODER = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, hidden_act="silu", rms_norm_eps=1e-6,
@@ -295,34 +327,50 @@ _DECODER = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, 
 _ENCODER = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                 hidden_act="gelu", layer_norm_eps=1e-12, initializer_range=0.02)
 
+GPT2_EXTRAS = ("transformer.h.{i}.attn.bias", "transformer.h.{i}.attn.masked_bias")  # causal-mask buffers
+LLAMA_EXTRAS = ("model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq",  # rope frequency buffers
+                "model.layers.{i}.self_attn.rotary_emb.inv_freq")
+BERT_EXTRAS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids",  # index buffers
+               "bert.pooler.dense.weight", "bert.pooler.dense.bias",  # the pooler, for heads that do not pool
+               "cls.seq_relationship.weight", "cls.seq_relationship.bias",  # the next-sentence head of pretraining
+               "cls.predictions.bias")  # untied, transformers 5 keeps it beside `decoder.bias` and does not use it
+
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("GPT-2", "transformer.", {"GPT2LMHeadModel": "lm", "GPT2Model": "none"}, _gpt2_spec,
                    GPT2_WEIGHTS, dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
                                       activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
-                                      layer_norm_epsilon=1e-5, initializer_range=0.02, tie_word_embeddings=True)),
+                                      layer_norm_epsilon=1e-5, initializer_range=0.02, tie_word_embeddings=True),
+                   "n_layer", GPT2_EXTRAS, ("lm_head.weight",)),
     "llama": Family("Llama", "model.", {"LlamaForCausalLM": "lm", "LlamaModel": "none"},
                     partial(_llama_spec, name="llama", window=_no_window), LLAMA_WEIGHTS,
-                    _DECODER | dict(vocab_size=32000, intermediate_size=11008, max_position_embeddings=2048)),
+                    _DECODER | dict(vocab_size=32000, intermediate_size=11008, max_position_embeddings=2048),
+                    extras=LLAMA_EXTRAS, tied=("lm_head.weight",)),
     "mistral": Family("Mistral", "model.", {"MistralForCausalLM": "lm", "MistralModel": "none"},
                       partial(_llama_spec, name="mistral", window=_mistral_window, bias=(False, False)), LLAMA_WEIGHTS,
                       _DECODER | dict(vocab_size=32000, intermediate_size=14336, num_key_value_heads=8,
-                                      max_position_embeddings=131072, sliding_window=4096)),
+                                      max_position_embeddings=131072, sliding_window=4096),
+                      extras=LLAMA_EXTRAS, tied=("lm_head.weight",)),
     "qwen2": Family("Qwen2", "model.", {"Qwen2ForCausalLM": "lm", "Qwen2Model": "none"},
                     partial(_llama_spec, name="qwen2", window=_qwen2_window, bias=(True, False)), LLAMA_WEIGHTS,
                     _DECODER | dict(vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768,
-                                    use_sliding_window=False, sliding_window=4096, max_window_layers=28)),
+                                    use_sliding_window=False, sliding_window=4096, max_window_layers=28),
+                    extras=LLAMA_EXTRAS, tied=("lm_head.weight",)),
     "bert": Family("BERT", "bert.", {"BertForMaskedLM": "mlm", "BertForSequenceClassification": "classify",
                                      "BertModel": "none"}, _bert_spec, BERT_WEIGHTS,
                    _ENCODER | dict(vocab_size=30522, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                                   max_position_embeddings=512, type_vocab_size=2, tie_word_embeddings=True)),
+                                   max_position_embeddings=512, type_vocab_size=2, tie_word_embeddings=True),
+                   extras=BERT_EXTRAS, tied=("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")),
     "vit": Family("ViT", "vit.", {"ViTForImageClassification": "classify", "ViTModel": "none"}, _vit_spec,
                   VIT_WEIGHTS, _ENCODER | dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                               image_size=224, patch_size=16, num_channels=3, qkv_bias=True)),
+                                               image_size=224, patch_size=16, num_channels=3, qkv_bias=True),
+                  extras=("vit.pooler.dense.weight", "vit.pooler.dense.bias")),  # ViTModel's pooler
 }
 
 
 def _family(cfg: Config) -> Family:
-    mt = cfg.get("model_type")
+    if "model_type" not in cfg:
+        raise MptcError("config.json has no `model_type`", hint=f"mptc imports: {', '.join(FAMILIES)}")
+    mt = cfg["model_type"]
     if mt not in FAMILIES:
         raise MptcError(f"unsupported model_type '{mt}'", hint=f"mptc imports: {', '.join(FAMILIES)}")
     return FAMILIES[mt]
@@ -349,10 +397,11 @@ def spec_from_config(cfg: Config, arch: str | None = None) -> S.Spec:
 
 
 class Checkpoint:
-    """The tensors of a checkpoint by name, read one at a time."""
+    """The tensors of a checkpoint by name, read one at a time; it remembers which were read."""
 
     def __init__(self, keys: set[str], read: Callable[[str], Tensor], where: str):
         self.keys, self._read, self.where = keys, read, where
+        self.used: set[str] = set()
 
     def find(self, names: tuple[str, ...], prefix: str) -> str | None:
         """The stored spelling of a tensor: as named, without the base-model prefix, or with old gamma/beta."""
@@ -366,11 +415,58 @@ class Checkpoint:
         return None
 
     def get(self, key: str) -> Tensor:
+        self.used.add(key)
         return self._read(key)
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+DAMAGED = "the file is damaged or incomplete (an interrupted download?): fetch it again"
+
+
+def _shard_map(index: Path) -> dict[str, Path]:
+    """The shard of each tensor from an index's `weight_map`; every shard must lie inside the checkpoint dir."""
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MptcError(f"{index} is not valid JSON: {e}", hint=DAMAGED) from None
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict):
+        raise MptcError(f"{index} has no `weight_map`", hint="a shard index maps each tensor name to its file")
+    root, files, seen = index.parent, {}, set()
+    for key, name in wm.items():
+        entry = f"{index}: weight_map['{key}'] = {_json(name)}"
+        if not isinstance(name, str) or not name:
+            raise MptcError(f"{entry} is not a file name")
+        if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir:
+            why = "an absolute path" if os.path.isabs(name) else "a path that leaves the directory"
+            raise MptcError(f"{entry} names a file outside the checkpoint dir {root} ({why})",
+                            hint="shard paths must be relative and stay inside the checkpoint dir")
+        if name not in seen and not (root / name).is_file():
+            raise MptcError(f"{entry}: no such file in {root}", hint="the checkpoint is missing a shard")
+        seen.add(name)
+        files[key] = root / name
+    return files
+
+
+def _open_file(p: Path, stack: ExitStack) -> Any:
+    """A safetensors file, or a torch pickle of tensors (memory-mapped when it is a zip, else read whole)."""
+    if p.suffix == ".safetensors":
+        try:
+            return stack.enter_context(safe_open(str(p), framework="pt"))
+        except (SafetensorError, OSError) as e:
+            raise MptcError(f"cannot read {p}: {e}", hint=DAMAGED) from None
+    try:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the old (tar) format cannot be memory-mapped
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load of a damaged file raises many kinds (OSError, KeyError, …)
+        raise MptcError(f"cannot read {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                        hint=DAMAGED + "; pickles of whole models are refused (tensors only)") from None
+    if not isinstance(state, dict) or not all(isinstance(t, Tensor) for t in state.values()):
+        raise MptcError(f"cannot read {p}: not a state dict (tensor names → tensors)")
+    return state
 
 
 @contextmanager
@@ -379,31 +475,30 @@ def open_checkpoint(d: Path) -> Iterator[Checkpoint]:
     found = next((d / f for f in WEIGHT_FILES if (d / f).is_file()), None)
     if found is None:
         raise MptcError(f"no weights file in {d}", hint=f"expected one of: {', '.join(WEIGHT_FILES)}")
-    if found.name.endswith(".index.json"):
-        files = {k: d / v for k, v in json.loads(found.read_text())["weight_map"].items()}
-    else:
-        files = None
+    files = _shard_map(found) if found.name.endswith(".index.json") else None
     with ExitStack() as stack:
         handles: dict[Path, Any] = {}
 
         def handle(p: Path):
             if p not in handles:
-                if p.suffix == ".safetensors":
-                    handles[p] = stack.enter_context(safe_open(str(p), framework="pt"))
-                else:  # a torch pickle, tensors only: memory-mapped (zip format), else read whole (old tar format)
-                    try:
-                        handles[p] = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-                    except RuntimeError:
-                        handles[p] = torch.load(p, map_location="cpu", weights_only=True)
+                handles[p] = _open_file(p, stack)
             return handles[p]
 
         if files is None:
-            keys = set(handle(found).keys())
-            files = dict.fromkeys(keys, found)
+            files = dict.fromkeys(handle(found).keys(), found)
+        else:  # a tensor a shard holds but the index leaves out is part of the checkpoint too
+            for p in sorted(set(files.values())):
+                for k in handle(p).keys():
+                    files.setdefault(k, p)
 
         def read(k: str) -> Tensor:
             h = handle(files[k])
-            return h.get_tensor(k) if files[k].suffix == ".safetensors" else h[k].clone()
+            if files[k].suffix != ".safetensors":
+                return h[k].clone()
+            try:
+                return h.get_tensor(k)
+            except SafetensorError as e:  # an index naming a tensor its shard lacks, or a damaged shard
+                raise MptcError(f"cannot read '{k}' from {files[k]}: {e}", hint=DAMAGED) from None
 
         yield Checkpoint(set(files), read, str(found))
 
@@ -418,13 +513,18 @@ def _template(name: str) -> tuple[str, int | None]:
     return (f"layers.{{i}}.{name[m.end():]}", int(m.group(1))) if m else (name, None)
 
 
-def _fetch(ck: Checkpoint, fam: Family, name: str, shape: tuple[int, ...]) -> Tensor:
+def _hf_names(fam: Family, name: str) -> tuple[str, ...]:
+    """The checkpoint names (the first, then alternatives) of one mptc tensor."""
     tmpl, i = _template(name)
-    m = fam.weights[tmpl]
-    names = tuple(h.format(i=i) for h in m.hf)
-    key = ck.find(names, fam.prefix)
+    return tuple(h.format(i=i) for h in fam.weights[tmpl].hf)
+
+
+def _fetch(ck: Checkpoint, fam: Family, name: str, shape: tuple[int, ...]) -> Tensor | None:
+    """One mptc tensor in mptc layout, or None when the checkpoint lacks it."""
+    m = fam.weights[_template(name)[0]]
+    key = ck.find(_hf_names(fam, name), fam.prefix)
     if key is None:
-        raise MptcError(f"{ck.where}: no tensor '{names[0]}' (for {name})")
+        return None
     t = ck.get(key)
     if m.conv1d and t.dim() == 2:
         t = t.t()  # (in, out) → (out, in)
@@ -437,10 +537,85 @@ def _fetch(ck: Checkpoint, fam: Family, name: str, shape: tuple[int, ...]) -> Te
     return t.contiguous()
 
 
+# --- every tensor used, every tensor found ----------------------------------------------------------------
+
+SHOWN = 5  # names listed in a message
+
+
+def _natural(key: str) -> list:
+    """Sort key: `h.10` after `h.9`."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+
+
+def _some(names: list[str]) -> str:
+    more = f" (+{len(names) - SHOWN} more)" if len(names) > SHOWN else ""
+    return ", ".join(names[:SHOWN]) + more
+
+
+def _allowed(spec: S.Spec, fam: Family) -> set[str]:
+    """The family's known extras (and tied copies, for a tied head), under the names a checkpoint may use."""
+    names = fam.extras + (fam.tied if spec.head.tied else ())
+    full = {n.format(i=i) for n in names for i in (range(spec.n_layers) if "{i}" in n else [None])}
+    return full | {n.removeprefix(fam.prefix) for n in full}
+
+
+def _layers_in(fam: Family, keys: set[str]) -> set[int]:
+    """The layer indices that checkpoint names carry (`transformer.h.3.…` → 3)."""
+    stems = {h.split("{i}")[0] for m in fam.weights.values() for h in m.hf if "{i}" in h}
+    stems |= {s.removeprefix(fam.prefix) for s in stems}
+    found = set()
+    for k in keys:
+        for s in stems:
+            if k.startswith(s) and k[len(s):].split(".", 1)[0].isdigit():
+                found.add(int(k[len(s):].split(".", 1)[0]))
+    return found
+
+
+def _layer_hint(spec: S.Spec, fam: Family, keys: set[str]) -> str | None:
+    have = _layers_in(fam, keys)
+    if not have or have == set(range(spec.n_layers)):
+        return None
+    lo, hi = min(have), max(have)
+    span = f"{lo}..{hi}" if have == set(range(lo, hi + 1)) else ", ".join(map(str, sorted(have)))
+    return f"config.json says {fam.layers_key} = {spec.n_layers}, the checkpoint has layers {span}"
+
+
+def _account(spec: S.Spec, fam: Family, ck: Checkpoint, missing: dict[str, list[str]]) -> None:
+    """Raise unless every model tensor was found and every checkpoint tensor was used (or is a known extra).
+
+    missing: checkpoint name → the mptc tensors it would give (GPT-2's fused c_attn gives three).
+    """
+    unused = sorted(ck.keys - ck.used - _allowed(spec, fam), key=_natural)
+    if not missing and not unused:
+        return
+    problems = []
+    if missing:
+        n = len(missing)
+        problems.append(f"{n} tensor{'s' * (n > 1)} of the model {'are' if n > 1 else 'is'} not in the checkpoint: "
+                        + _some([f"'{k}' (for {', '.join(v)})" for k, v in missing.items()]))
+    if unused:
+        n = len(unused)
+        problems.append(f"{n} tensor{'s' * (n > 1)} of the checkpoint {'are' if n > 1 else 'is'} not used: "
+                        f"{_some(unused)}")
+    hint = _layer_hint(spec, fam, ck.keys) or (
+        f"config.json and the weights disagree: a {fam.name} model with this config has other tensors; "
+        "mptc imports a checkpoint whole or not at all")
+    raise MptcError(f"{ck.where}: {'; '.join(problems)}", hint=hint)
+
+
 def _state(spec: S.Spec, fam: Family, ck: Checkpoint) -> dict[str, Tensor]:
-    """The mptc state dict of a spec, read from a checkpoint one tensor at a time."""
+    """The mptc state dict of a spec, read from a checkpoint one tensor at a time, every tensor accounted for."""
     low = lower(spec, "meta")  # names and shapes only
-    return {n: _fetch(ck, fam, n, tuple(low.root.get_parameter(n).shape)) for n in low.params}
+    state: dict[str, Tensor] = {}
+    missing: dict[str, list[str]] = {}
+    for n in low.params:
+        t = _fetch(ck, fam, n, tuple(low.root.get_parameter(n).shape))
+        if t is None:
+            missing.setdefault(_hf_names(fam, n)[0], []).append(n)
+        else:
+            state[n] = t
+    _account(spec, fam, ck, missing)
+    return state
 
 
 def read_config(d: Path) -> Config:
@@ -450,9 +625,12 @@ def read_config(d: Path) -> Config:
     if not p.is_file():
         raise MptcError(f"{d} has no config.json", hint="a Hugging Face model dir holds config.json and weights")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MptcError(f"{p} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise MptcError(f"{p} is not a JSON object", hint='config.json holds {"model_type": …, …}')
+    return cfg
 
 
 def _read_dir(d: Path) -> tuple[S.Spec, dict[str, Tensor]]:
@@ -462,13 +640,98 @@ def _read_dir(d: Path) -> tuple[S.Spec, dict[str, Tensor]]:
         return spec, _state(spec, _family(cfg), ck)
 
 
-def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Convert a Hugging Face model dir to an mptc model dir (model.mpt + weights.safetensors), atomically."""
+# --- checking an import against transformers ------------------------------------------------------------
+
+CHECK_TOL = 1e-4  # on |mptc − transformers| / max(1, |transformers|), real positions
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise MptcError('checking an import against transformers needs it: pip install "mptc[hf]"') from None
+    return transformers
+
+
+def _probe(spec: S.Spec) -> tuple[dict[str, Tensor], Tensor | None]:
+    """A fixed batch: 2 images, or 2 × 12 token ids with row 1 right-padded; and the mask of real positions."""
+    g = torch.Generator().manual_seed(0)
+    if spec.patches is not None:
+        p = spec.patches
+        return {"pixel_values": torch.randn(2, p.channels, p.image, p.image, generator=g)}, None
+    t = min(12, spec.context or 12)
+    ids = torch.randint(0, spec.vocab, (2, t), generator=g)  # (B, T)
+    mask = torch.ones_like(ids)
+    mask[1, t // 2 + 1:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if spec.embed.segments:
+        inputs["token_type_ids"] = (torch.arange(t) >= t // 3).long().expand(2, t) % spec.embed.segments
+    return inputs, mask.bool()
+
+
+def _reference(hf_dir: Path, arch: str) -> Any:
+    """The transformers model of a checkpoint dir, float32, eager attention, local files only."""
+    tf = _transformers()
+    cls = getattr(tf, arch, None)
+    if cls is None:
+        raise MptcError(f"transformers {tf.__version__} has no class {arch}")
+    dtype = {"dtype": torch.float32} if int(tf.__version__.split(".")[0]) >= 5 else {"torch_dtype": torch.float32}
+    bars = tf.utils.logging.is_progress_bar_enabled()
+    tf.utils.logging.disable_progress_bar()
+    try:
+        return cls.from_pretrained(hf_dir, local_files_only=True, attn_implementation="eager", **dtype).eval()
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, the check cannot run
+        raise MptcError(f"transformers could not load {hf_dir} as {arch}: {e}") from None
+    finally:
+        if bars:
+            tf.utils.logging.enable_progress_bar()
+
+
+def check_hf(hf_dir: str | os.PathLike, model_dir: str | os.PathLike, hint: str | None = None) -> float:
+    """The max error of an imported model dir against transformers on a fixed padded probe batch.
+
+    The error is max |mptc − transformers| / max(1, |transformers|) over real (unpadded) positions; above
+    CHECK_TOL it raises MptcError (with `hint`).
+    """
+    hf_dir = Path(hf_dir)
+    cfg = read_config(hf_dir)
+    arch = (cfg.get("architectures") or [next(iter(_family(cfg).heads))])[0]
+    model = load_model(model_dir).eval()
+    inputs, valid = _probe(spec_of(model))
+    ref_model = _reference(hf_dir, arch)
+    with torch.no_grad():
+        out, r = model(**inputs), ref_model(**inputs)
+    ref = r.logits if getattr(r, "logits", None) is not None else r.last_hidden_state
+    if valid is not None and out.dim() == 3:  # per token: real positions only, (N, V)
+        out, ref = out[valid], ref[valid]
+    if out.shape != ref.shape:
+        raise MptcError(f"check failed: the import gives outputs of shape {tuple(out.shape)}, transformers' {arch} "
+                        f"{tuple(ref.shape)}")
+    err = ((out.float() - ref.float()).abs() / ref.float().abs().clamp_min(1)).max().item()
+    if not err <= CHECK_TOL:  # NaN fails too
+        raise MptcError(f"check failed: the import differs from transformers' {arch}: max error {err:.2e} relative "
+                        f"to max(1, |output|) > {CHECK_TOL:g}", hint=hint)
+    return err
+
+
+def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, check: bool = False,
+              log: Callable[[str], None] | None = None) -> Path:
+    """Convert a Hugging Face model dir to an mptc model dir (model.mpt + weights.safetensors), atomically.
+
+    check: before the dir is moved into place, compare it with transformers on a probe batch (`check_hf`);
+    `log` gets the measured error.
+    """
+    if check:
+        _transformers()  # before any work
     spec, state = _read_dir(Path(hf_dir))
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, kind="model") as tmp:
         (tmp / SPEC_FILE).write_text(str(spec))
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mptc.spec": spec.name,
                                                              "mptc.source": "huggingface"})
+        del state
+        err = check_hf(hf_dir, tmp, hint=f"nothing was written to {out_dir}") if check else None
+    if err is not None and log is not None:
+        log(f"check: max error {err:.2e} relative to max(1, |output|) (tolerance {CHECK_TOL:g}) against transformers")
     return Path(out_dir)
 
 
@@ -681,7 +944,7 @@ def to_hf(model: fx.GraphModule, path: str | os.PathLike, family: str | None = N
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     config |= {"dtype": dtype, "torch_dtype": dtype}
     tensors = _hf_state(model, FAMILIES[name].weights)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind="hf") as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return Path(path)

@@ -7,14 +7,17 @@ Every transformers model is built from a config here with random weights (nothin
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as T
+from safetensors.torch import load_file, save_file
 
 import mptc
+from mptc import hf as hf_module
 from mptc import passes as P
 from mptc.cli import main as cli
 from mptc.hf import export_hf, from_hf, import_hf, to_hf
@@ -305,3 +308,262 @@ def test_export_refuses_per_layer_growth(tmp_path):
     grown, _ = P.Pipeline([P.grow_mlp(hidden=96, layers=[1])], check=False)(model)
     with pytest.raises(mptc.MptcError, match=r"GPT-2's config has one `n_inner`; layer 1 has 96, layer 0 has 48"):
         export_hf(grown, tmp_path / "out")
+
+
+# --- BERT's MLM bias --------------------------------------------------------------------------------------
+
+
+def test_untied_bert_mlm(bert_inputs, tmp_path):
+    """transformers 5 writes both `cls.predictions.bias` (unused when untied) and `cls.predictions.decoder.bias`."""
+    hf = _hf(T.AutoModelForMaskedLM, T.BertConfig(**BERT, tie_word_embeddings=False))
+    hf.save_pretrained(tmp_path / "hf")
+    stored = load_file(tmp_path / "hf" / "model.safetensors")
+    assert not torch.equal(stored["cls.predictions.bias"], stored["cls.predictions.decoder.bias"])
+    import_hf(tmp_path / "hf", tmp_path / "m")
+    model = mptc.load_model(tmp_path / "m").eval()
+    assert not mptc.spec_of(model).head.tied
+    valid = bert_inputs["attention_mask"].bool()
+    with torch.no_grad():
+        _close(model(**bert_inputs)[valid], hf(**bert_inputs).logits[valid])
+
+
+def test_untied_bert_mlm_one_bias_name(bert_inputs, tmp_path):
+    """Older checkpoints store the decoder's bias once, as `cls.predictions.bias`: the checkpoint decides."""
+    hf = _hf(T.AutoModelForMaskedLM, T.BertConfig(**BERT, tie_word_embeddings=False))
+    hf.save_pretrained(tmp_path / "hf")
+    f = tmp_path / "hf" / "model.safetensors"
+    stored = load_file(f)
+    stored["cls.predictions.bias"] = stored.pop("cls.predictions.decoder.bias")
+    save_file(stored, f, metadata={"format": "pt"})
+    valid = bert_inputs["attention_mask"].bool()
+    with torch.no_grad():
+        _close(from_hf(tmp_path / "hf")(**bert_inputs)[valid], hf(**bert_inputs).logits[valid])
+
+
+# --- every tensor used, every tensor found ----------------------------------------------------------------
+
+
+def _gpt2_dir(d: Path, **config) -> Path:
+    """A 2-layer GPT-2 checkpoint."""
+    _hf(T.AutoModelForCausalLM, T.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                              **NO_TOKENS)).save_pretrained(d)
+    if config:
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps(cfg | config))
+    return d
+
+
+def _edit_weights(d: Path, edit) -> None:
+    f = d / "model.safetensors"
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def _refused(argv_or_dir, capsys, tmp_path, words: list[str]) -> None:
+    """The import fails through the Python API and the CLI, naming `words`, and writes nothing."""
+    d = Path(argv_or_dir)
+    with pytest.raises(mptc.MptcError) as e:
+        import_hf(d, tmp_path / "m")
+    for w in words:
+        assert w in str(e.value)
+    capsys.readouterr()
+    assert cli(["import-hf", str(d), "-o", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for w in words:
+        assert w in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_unused_tensor_refused(tmp_path, capsys):
+    d = _gpt2_dir(tmp_path / "hf")
+    _edit_weights(d, lambda t: t.update({"transformer.h.0.attn.extra.weight": torch.ones(3)}))
+    _refused(d, capsys, tmp_path, ["1 tensor of the checkpoint is not used", "transformer.h.0.attn.extra.weight"])
+
+
+def test_missing_tensor_refused(tmp_path, capsys):
+    d = _gpt2_dir(tmp_path / "hf")
+    _edit_weights(d, lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"))
+    _refused(d, capsys, tmp_path, ["1 tensor of the model is not in the checkpoint",
+                                   "'transformer.h.1.mlp.c_fc.bias' (for layers.1.mlp.up.bias)"])
+
+
+def test_config_with_fewer_layers_refused(tmp_path, capsys):
+    """`n_layer: 1` for a 2-layer checkpoint used to import layer 0 alone, with exit 0."""
+    d = _gpt2_dir(tmp_path / "hf", n_layer=1)
+    _refused(d, capsys, tmp_path, ["12 tensors of the checkpoint are not used", "transformer.h.1.", "(+7 more)",
+                                   "config.json says n_layer = 1, the checkpoint has layers 0..1"])
+
+
+def test_config_with_more_layers_refused(tmp_path, capsys):
+    d = _gpt2_dir(tmp_path / "hf", n_layer=3)
+    _refused(d, capsys, tmp_path, ["12 tensors of the model are not in the checkpoint", "transformer.h.2.ln_1.weight",
+                                   "config.json says n_layer = 3, the checkpoint has layers 0..1"])
+
+
+def test_in_memory_model_checked_too():
+    hf = _hf(T.AutoModelForCausalLM, CAUSAL["llama-gqa"][0])
+    state = hf.state_dict() | {"model.layers.0.self_attn.q_norm.weight": torch.ones(16)}
+    hf.state_dict = lambda: state
+    with pytest.raises(mptc.MptcError, match=r"not used: model\.layers\.0\.self_attn\.q_norm\.weight"):
+        from_hf(hf)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_benign_extras_allowed(name, ids, tmp_path):
+    """Buffers older transformers wrote into pytorch_model.bin (causal masks, rotary frequencies) are known extras."""
+    config = CAUSAL[name][0]
+    hf = _hf(T.AutoModelForCausalLM, config)
+    hf.config.save_pretrained(tmp_path / "hf")
+    n = config.num_hidden_layers
+    if name == "gpt2":
+        extra = {f"transformer.h.{i}.attn.{b}": torch.ones(1, 1, 32, 32) for i in range(n)
+                 for b in ("bias", "masked_bias")}
+    else:
+        extra = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(8) for i in range(n)}
+    torch.save(hf.state_dict() | extra, tmp_path / "hf" / "pytorch_model.bin")
+    with torch.no_grad():
+        _close(from_hf(tmp_path / "hf")(input_ids=ids), hf(input_ids=ids).logits)
+
+
+# --- shard paths -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_shard_outside_checkpoint_refused(where, tmp_path, capsys):
+    hf = _hf(T.AutoModelForCausalLM, CAUSAL["llama-gqa"][0])
+    d = tmp_path / "hf"
+    hf.save_pretrained(d, max_shard_size="40KB")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    key, shard = next(iter(index["weight_map"].items()))
+    outside = tmp_path / "x.safetensors"
+    (d / shard).rename(outside)  # a real shard, so only the path rule stops it
+    index["weight_map"][key] = "../x.safetensors" if where == "parent" else str(outside)
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    _refused(d, capsys, tmp_path, [f"weight_map['{key}']", "outside", index["weight_map"][key]])
+
+
+def test_tensor_the_index_leaves_out_refused(tmp_path, capsys):
+    hf = _hf(T.AutoModelForCausalLM, CAUSAL["llama-gqa"][0])
+    d = tmp_path / "hf"
+    hf.save_pretrained(d, max_shard_size="40KB")
+    shard = sorted(d.glob("*.safetensors"))[0]
+    tensors = load_file(shard) | {"model.layers.0.self_attn.q_norm.weight": torch.ones(16)}
+    save_file(tensors, shard, metadata={"format": "pt"})
+    _refused(d, capsys, tmp_path, ["1 tensor of the checkpoint is not used: model.layers.0.self_attn.q_norm.weight"])
+
+
+# --- --check ---------------------------------------------------------------------------------------------
+
+
+CHECKED = {  # name → (class, config)
+    **{n: (T.AutoModelForCausalLM, CAUSAL[n][0]) for n in ("gpt2", "llama-gqa", "mistral-window",
+                                                           "qwen2-bias-window")},
+    "bert-mlm": (T.AutoModelForMaskedLM, T.BertConfig(**BERT)),
+    "bert-mlm-untied": (T.AutoModelForMaskedLM, T.BertConfig(**BERT, tie_word_embeddings=False)),
+    "bert-classify": (T.AutoModelForSequenceClassification, T.BertConfig(**BERT, num_labels=3)),
+    "bert-base": (T.AutoModel, T.BertConfig(**BERT)),
+    "vit-classify": (T.AutoModelForImageClassification, T.ViTConfig(**VIT)),
+    "vit-base": (T.AutoModel, T.ViTConfig(**VIT)),
+}
+
+
+@pytest.mark.parametrize("name", list(CHECKED))
+def test_check_passes(name, tmp_path, capsys):
+    cls, config = CHECKED[name]
+    _hf(cls, config).save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert cli(["import-hf", str(tmp_path / "hf"), "-o", str(tmp_path / "m"), "--check"]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"check: max error ([0-9.e+-]+) relative to max\(1, \|output\|\) \(tolerance 0\.0001\)", out)
+    assert m and float(m.group(1)) <= TOL, out
+    assert (tmp_path / "m" / "weights.safetensors").is_file()
+
+
+def test_check_fails_on_a_wrong_tensor(tmp_path, capsys, monkeypatch):
+    _hf(T.AutoModelForCausalLM, CAUSAL["llama-gqa"][0]).save_pretrained(tmp_path / "hf")
+    fetch = hf_module._fetch
+
+    def wrong(ck, fam, name, shape):  # one converted tensor off by 0.01
+        t = fetch(ck, fam, name, shape)
+        return t + 0.01 if name == "layers.1.mlp.up.weight" else t
+
+    monkeypatch.setattr(hf_module, "_fetch", wrong)
+    assert cli(["import-hf", str(tmp_path / "hf"), "-o", str(tmp_path / "m"), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"error: check failed: the import differs from transformers' LlamaForCausalLM: max error "
+                     r"[0-9.e+-]+ relative to max\(1, \|output\|\) > 0\.0001", err), err
+    assert not (tmp_path / "m").exists()
+    assert not list(tmp_path.glob(".m.*"))  # no temporary dir left either
+
+
+def test_check_needs_transformers(tmp_path, capsys, monkeypatch):
+    _hf(T.AutoModelForCausalLM, CAUSAL["gpt2"][0]).save_pretrained(tmp_path / "hf")
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert cli(["import-hf", str(tmp_path / "hf"), "-o", str(tmp_path / "m"), "--check"]) == 1
+    assert 'pip install "mptc[hf]"' in capsys.readouterr().err
+    with pytest.raises(mptc.MptcError, match=r'pip install "mptc\[hf\]"'):
+        import_hf(tmp_path / "hf", tmp_path / "m", check=True)
+    assert not (tmp_path / "m").exists()
+
+
+def test_check_from_python(tmp_path):
+    _hf(T.AutoModelForCausalLM, CAUSAL["qwen2-bias-window"][0]).save_pretrained(tmp_path / "hf")
+    lines: list[str] = []
+    import_hf(tmp_path / "hf", tmp_path / "m", check=True, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("check: max error ")
+    assert hf_module.check_hf(tmp_path / "hf", tmp_path / "m") <= TOL
+
+
+# --- bad files -------------------------------------------------------------------------------------------
+
+
+def _truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _garbage(f: Path) -> None:
+    f.write_bytes(b"not a checkpoint " * 64)
+
+
+def _as_bin(d: Path) -> Path:
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    return d / "pytorch_model.bin"
+
+
+@pytest.mark.parametrize("fmt, damage", [("safetensors", _truncate), ("safetensors", _garbage), ("bin", _truncate),
+                                          ("bin", _garbage)])
+def test_bad_weights_file(fmt, damage, tmp_path, capsys):
+    d = _gpt2_dir(tmp_path / "hf")
+    f = d / "model.safetensors" if fmt == "safetensors" else _as_bin(d)
+    damage(f)
+    _refused(d, capsys, tmp_path, [f"cannot read {f}"])
+
+
+@pytest.mark.parametrize("index, words", [
+    ("{ not json", ["model.safetensors.index.json is not valid JSON"]),
+    ('{"metadata": {}}', ["model.safetensors.index.json has no `weight_map`"]),
+    ('{"weight_map": {"transformer.wte.weight": "model-00009.safetensors"}}',
+     ["weight_map['transformer.wte.weight']", "model-00009.safetensors", "no such file"]),
+])
+def test_bad_shard_index(index, words, tmp_path, capsys):
+    d = _gpt2_dir(tmp_path / "hf")
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors.index.json").write_text(index)
+    _refused(d, capsys, tmp_path, words)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("{ 'n_layer': 2", ["config.json is not valid JSON"]),
+    ("[1, 2]", ["config.json is not a JSON object"]),
+    (json.dumps({"n_layer": 2}), ["config.json has no `model_type`"]),
+    (json.dumps({"model_type": "gpt2", "n_layer": None}), ["`n_layer` must be a whole number ≥ 1, got null"]),
+    (json.dumps({"model_type": "gpt2", "n_head": "4"}), ['`n_head` must be a whole number ≥ 1, got "4"']),
+    (json.dumps({"model_type": "llama", "rms_norm_eps": "tiny"}), ['`rms_norm_eps` must be a number, got "tiny"']),
+])
+def test_bad_config(text, words, tmp_path, capsys):
+    d = _gpt2_dir(tmp_path / "hf")
+    (d / "config.json").write_text(text)
+    _refused(d, capsys, tmp_path, words)
