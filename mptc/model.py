@@ -13,14 +13,14 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import fx
 
 from . import spec as S
 from .atomic import atomic_dir
 from .errors import MptcError
-from .lower import NodeInfo, lower
+from .lower import Lowered, NodeInfo, lower, sizes
 from .schema import parse
 
 SPEC_FILE = "model.mpt"
@@ -40,8 +40,8 @@ def load(path: str | os.PathLike) -> S.Spec:
         text = p.read_text()
     except FileNotFoundError:
         raise MptcError(f"no such file: {p}") from None
-    except (IsADirectoryError, UnicodeDecodeError) as e:
-        raise MptcError(f"cannot read {p}: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        raise MptcError(f"cannot read {p}: {getattr(e, 'strerror', None) or e}") from None
     return parse(text, str(p))
 
 
@@ -65,7 +65,9 @@ def build(spec: S.Spec, weights: str | os.PathLike | dict | None = None, seed: i
     """
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     on_meta = weights is not None or str(device) == "meta"
-    low = lower(spec, "meta" if on_meta else device)
+    low = lower(spec, "meta")  # shapes only: the size is checked before anything is allocated
+    if weights is not None or str(device) != "meta":
+        _check_fits(spec, low, dtype, device)
     name = re.sub(r"\W", "_", spec.name) or "Model"
     gm = fx.GraphModule(low.root, low.graph, class_name=name)
     gm.meta["mptc.spec"] = spec
@@ -74,8 +76,19 @@ def build(spec: S.Spec, weights: str | os.PathLike | dict | None = None, seed: i
         _load_weights(gm, weights, low.params)
         gm.to(device)
     elif not on_meta:
+        gm.to_empty(device=device)
         init_weights(gm, seed)
     return gm.to(dtype)
+
+
+def _check_fits(spec: S.Spec, low: Lowered, dtype: torch.dtype, device: str | torch.device) -> None:
+    """Refuse a model whose parameters cannot fit in the memory available (on the host when loading)."""
+    from .memory import check_fits, count_params
+
+    n = count_params((info.axes for info in low.params.values()), sizes(spec))
+    where = "cpu" if str(device) == "meta" else device
+    check_fits(f"model {spec.name} would have", n, dtype, where, hint="`mptc summary SPEC` shows the size of each "
+               "part without allocating anything; make the spec smaller (width, vocab, layers, hidden)")
 
 
 def init_weights(model: fx.GraphModule, seed: int = 0) -> None:
@@ -107,8 +120,12 @@ def _load_weights(gm: fx.GraphModule, weights, params: dict[str, NodeInfo]) -> N
         where = str(p)
         if not p.is_file():
             raise MptcError(f"no weights file: {p}")
-        with safe_open(p, framework="pt") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(p, framework="pt") as f:
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # empty, truncated, not safetensors
+            raise MptcError(f"cannot read weights from {p}: {e}", hint="the file is damaged or not a safetensors "
+                            "file; write the model dir again (`mptc compile SPEC -o DIR`)") from None
     missing = [k for k in params if k not in sd]
     extra = [k for k in sd if k not in params]
     if missing or extra:
@@ -124,6 +141,10 @@ def _load_weights(gm: fx.GraphModule, weights, params: dict[str, NodeInfo]) -> N
         if tuple(sd[k].shape) != want:
             raise MptcError(f"{where}: '{k}' has shape {tuple(sd[k].shape)}, the spec needs {want}",
                             hint="the weights were written for a different spec")
+        if not sd[k].is_floating_point():
+            dt = str(sd[k].dtype).removeprefix("torch.")
+            raise MptcError(f"{where}: '{k}' holds {dt} values; weights must be floating point",
+                            hint="save the weights as float32, float16, bfloat16 or float64")
     gm.load_state_dict({k: sd[k].float() if sd[k].dtype != torch.float64 else sd[k] for k in params},
                        strict=True, assign=True)
 
@@ -140,7 +161,7 @@ def save(model: fx.GraphModule, path: str | os.PathLike, extra: dict[str, str] |
     files, such as report.json), all at once: the dir appears complete or not at all."""
     spec = spec_of(model)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in param_info(model)}
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind="model") as tmp:  # replaces only a model dir (or with --force)
         (tmp / SPEC_FILE).write_text(str(spec))
         save_file(sd, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mptc.spec": spec.name})
         for name, text in (extra or {}).items():

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields
+import math
+from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar
 
 import torch
 from torch import fx
 
+from mptc import spec as S
 from mptc.errors import MptcError
-from mptc.model import spec_of
+from mptc.lower import sizes
+from mptc.memory import INT64_MAX, check_fits, count_params, sci
+from mptc.model import param_info, spec_of
 
 from .engine import Certificate, Change, Init, remap
 
@@ -33,6 +37,13 @@ class Pass:
             self.init = Init(init)
         if isinstance(getattr(self, "init", None), Init) and self.init.kind not in ("zeros", "normal", "copy"):
             raise PassError(f"{self.name}: unknown init '{self.init.kind}'", hint="use zeros, normal(std = …) or copy")
+        for f in fields(self):
+            problem = argument_problem(f.name, getattr(self, f.name))
+            if problem:
+                raise PassError(f"{self.name}: {problem}")
+        std = self.init.std if isinstance(getattr(self, "init", None), Init) else None
+        if std is not None and not (math.isfinite(std) and std >= 0):
+            raise PassError(f"{self.name}: std must be a finite non-negative number, got {std}")
 
     def params(self) -> dict:
         out = {}
@@ -45,6 +56,18 @@ class Pass:
         args = ", ".join(f"{k} = {v}" for k, v in self.params().items() if v is not None)
         return f"{self.name}({args})"
 
+    def call(self) -> str:
+        """The pass as it would be written: the arguments that differ from their defaults."""
+        args = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if v != default:
+                shown = v.describe() if isinstance(v, Init) else repr(v).replace("e+", "e") if isinstance(v, float) \
+                    else v
+                args.append(f"{f.name} = {shown}")
+        return f"{self.name}({', '.join(args)})"
+
     def requires(self, model: fx.GraphModule) -> None:
         """Raise PassError, saying why and what would work, if the pass cannot apply."""
 
@@ -53,7 +76,31 @@ class Pass:
 
     def apply(self, model: fx.GraphModule) -> tuple[fx.GraphModule, Certificate]:
         self.requires(model)
+        self.fits(model)
         return remap(model, self.change(model))
+
+    def new_spec(self, model: fx.GraphModule) -> S.Spec | None:
+        """The spec of the result, made from sizes alone (no tensors), for passes that keep the
+        layers; None where it is not known before `change`."""
+        return None
+
+    def new_params(self, model: fx.GraphModule) -> int | None:
+        """The result's parameter count, counted from the sizes (nothing is built); None: unknown."""
+        spec = self.new_spec(model)
+        return None if spec is None else resized_params(model, sizes(spec))
+
+    def fits(self, model: fx.GraphModule) -> None:
+        """Refuse, saying how big the result would be, if it cannot fit in the memory available.
+
+        The old model is already in memory and the new one shares its unchanged tensors, so the
+        bound is the new model's size (in the old one's dtype) against the memory still free.
+        """
+        n = self.new_params(model)
+        if n is None:
+            return
+        p = next(iter(model.parameters()), None)
+        check_fits(f"{self.call()} would make a model of", n, p.dtype if p is not None else torch.float32, "cpu",
+                   hint="a pass builds the new model in memory: choose a smaller size", error=PassError)
 
     def reference(self, old: fx.GraphModule) -> contextlib.AbstractContextManager:
         """A context in which the old model computes what the new one must (itself, by default;
@@ -63,6 +110,45 @@ class Pass:
     def comparable(self, old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The parts of the old and new outputs that must agree (all of them, by default)."""
         return old, new
+
+
+SIZES = ("hidden", "value", "dim", "width", "vocab", "context")  # arguments that set a size: 1 or more
+COUNTS = ("n",)  # arguments that count what is added: 1 or more
+
+
+def argument_problem(key: str, x) -> str | None:
+    """What is wrong with a pass argument's value, in words (None: nothing). Sizes and counts are
+    positive, integers fit in int64, a growth factor is finite and above 1."""
+    if key == "factor" and isinstance(x, (int, float)) and not isinstance(x, bool):
+        return None if math.isfinite(x) and x > 1 else f"factor must be a finite number greater than 1, got {x}"
+    if isinstance(x, (list, tuple)) and key in ("layers", "drop_layers"):
+        return next((p for i in x if (p := argument_problem("layer index", i))), None)
+    if isinstance(x, bool) or not isinstance(x, int):
+        return None
+    if abs(x) > INT64_MAX:
+        return f"{key} {'' if key == 'layer index' else '= '}{sci(abs(x))} is beyond the largest size a tensor can " \
+               "have (2^63 - 1)"
+    if key in SIZES and x < 1:
+        return f"{key} must be a positive size, got {x}"
+    if key in COUNTS and x < 1:
+        return f"{key} must be at least 1, got {x}"
+    if key == "at" and x < 0:
+        return f"at must be 0 or more (a layer index to insert before), got {x}"
+    return None
+
+
+def resized_params(model: fx.GraphModule, sz: dict[str, int], layers: dict[int, int] | None = None) -> int:
+    """The parameter count of `model`'s tensors at the symbol sizes `sz` (Python ints: any size).
+
+    layers: how many times each layer's tensors occur in the result (default: once each).
+    """
+    by_layer: dict[int | None, list] = {}
+    for info in param_info(model).values():
+        by_layer.setdefault(info.layer, []).append(info.axes)
+    total = count_params(by_layer.pop(None, []), sz)
+    for i, axes in by_layer.items():
+        total += count_params(axes, sz) * (1 if layers is None else layers.get(i, 1))
+    return total
 
 
 def layer_list(model: fx.GraphModule, layers: list[int] | int | None, what: str) -> list[int]:

@@ -2,7 +2,7 @@
 
 Each pass names the symbols it grows and which new entries must be zero; everything else
 (the tensors reached, the index maps, the certificate) is the engine's. Notation as in
-DESIGN.md: D width, V vocab, P positions, and per layer H heads, G kv heads, K query/key dim,
+docs/architecture.md: D width, V vocab, P positions, and per layer H heads, G kv heads, K query/key dim,
 Dv value dim, F MLP hidden.
 """
 
@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 
 import torch
 from torch import fx
 
 from mptc import spec as S
+from mptc.lower import sizes
 from mptc.model import spec_of
 
-from .base import Pass, PassError, layer_list
+from .base import Pass, PassError, layer_list, resized_params
 from .engine import Change, Init, grouped_grow_map, grow_map
 
 
@@ -31,6 +33,12 @@ def _not_nested(what: str, spec: S.Spec, i: int, block: str) -> None:
 
 def _with_layers(spec: S.Spec, edit) -> S.Spec:
     return spec.replace(layers=tuple(edit(i, layer) for i, layer in enumerate(spec.layers)))
+
+
+def _times(old: int, factor: float) -> int:
+    """round(old × factor), exact where the float product would overflow (the size check refuses it)."""
+    x = old * factor
+    return round(x) if math.isfinite(x) else round(Fraction(factor) * old)
 
 
 def _not_smaller(what: str, size: str, old: int, new: int, i: int | None = None) -> None:
@@ -58,7 +66,7 @@ class GrowMLP(Pass):
         for i in layer_list(model, self.layers, self.name):
             _not_nested(self.name, spec, i, "mlp")
             old = spec.layers[i].mlp.hidden
-            new = self.hidden if self.hidden is not None else round(old * self.factor)
+            new = self.hidden if self.hidden is not None else _times(old, self.factor)
             _not_smaller(self.name, "MLP hidden size", old, new, i)
             out[i] = new
         return out
@@ -66,11 +74,15 @@ class GrowMLP(Pass):
     def requires(self, model):
         self._targets(model)
 
+    def new_spec(self, model):
+        t = self._targets(model)
+        return _with_layers(spec_of(model), lambda i, ly: replace(ly, mlp=replace(ly.mlp, hidden=t[i])) if i in t
+                            else ly)
+
     def change(self, model):
         spec, t = spec_of(model), self._targets(model)
-        new = _with_layers(spec, lambda i, ly: replace(ly, mlp=replace(ly.mlp, hidden=t[i])) if i in t else ly)
         maps = {f"F[{i}]": grow_map(spec.layers[i].mlp.hidden, n) for i, n in t.items()}
-        return Change(new, maps, zero_side="in", init=self.init)
+        return Change(self.new_spec(model), maps, zero_side="in", init=self.init)
 
 
 @dataclass
@@ -117,10 +129,13 @@ class AddHeads(Pass):
     def requires(self, model):
         self._plan(model)
 
-    def change(self, model):
-        spec, plan = spec_of(model), self._plan(model)
-        new = _with_layers(spec, lambda i, ly: replace(ly, attention=replace(
+    def new_spec(self, model):
+        plan = self._plan(model)
+        return _with_layers(spec_of(model), lambda i, ly: replace(ly, attention=replace(
             ly.attention, heads=plan[i][0], kv_heads=plan[i][1])) if i in plan else ly)
+
+    def change(self, model):
+        spec, plan, new = spec_of(model), self._plan(model), self.new_spec(model)
         maps = {}
         for i, (h, g) in plan.items():
             a = spec.layers[i].attention
@@ -158,10 +173,13 @@ class AddKVHeads(Pass):
     def requires(self, model):
         self._plan(model)
 
+    def new_spec(self, model):
+        plan = self._plan(model)
+        return _with_layers(spec_of(model), lambda i, ly: replace(ly, attention=replace(ly.attention, kv_heads=plan[i]))
+                            if i in plan else ly)
+
     def change(self, model):
-        spec, plan = spec_of(model), self._plan(model)
-        new = _with_layers(spec, lambda i, ly: replace(ly, attention=replace(ly.attention, kv_heads=plan[i]))
-                           if i in plan else ly)
+        spec, plan, new = spec_of(model), self._plan(model), self.new_spec(model)
         maps = {f"G[{i}]": torch.arange(g) // (g // spec.layers[i].attention.kv_heads) for i, g in plan.items()}
         return Change(new, maps)
 
@@ -180,12 +198,15 @@ class GrowHeadDim(Pass):
         for i in layer_list(model, self.layers, self.name):
             _not_smaller(self.name, "value dim", spec.layers[i].attention.value_dim, self.value, i)
 
+    def new_spec(self, model):
+        ls = layer_list(model, self.layers, self.name)
+        return _with_layers(spec_of(model), lambda i, ly: replace(ly, attention=replace(
+            ly.attention, value_dim=self.value)) if i in ls else ly)
+
     def change(self, model):
         spec, ls = spec_of(model), layer_list(model, self.layers, self.name)
-        new = _with_layers(spec, lambda i, ly: replace(ly, attention=replace(ly.attention, value_dim=self.value))
-                           if i in ls else ly)
         maps = {f"Dv[{i}]": grow_map(spec.layers[i].attention.value_dim, self.value) for i in ls}
-        return Change(new, maps, zero_side="in", init=self.init)
+        return Change(self.new_spec(model), maps, zero_side="in", init=self.init)
 
 
 @dataclass
@@ -209,7 +230,7 @@ class GrowQK(Pass):
                                 f"{a.head_dim} → {self.dim} adds an odd number",
                                 hint=f"grow to {self.dim + 1} (whole rotary pairs)")
 
-    def change(self, model):
+    def new_spec(self, model):
         spec, ls = spec_of(model), layer_list(model, self.layers, self.name)
         rope = spec.embed.positions.kind == "rope"
 
@@ -219,7 +240,10 @@ class GrowQK(Pass):
             a = ly.attention  # with rope, the rotary dims (and so their frequencies) stay as they were
             return replace(ly, attention=replace(a, head_dim=self.dim, rotary_dim=a.rotary if rope else None))
 
-        new = _with_layers(spec, edit)
+        return _with_layers(spec, edit)
+
+    def change(self, model):
+        spec, ls, new = spec_of(model), layer_list(model, self.layers, self.name), self.new_spec(model)
         maps = {f"K[{i}]": grow_map(spec.layers[i].attention.head_dim, self.dim) for i in ls}
         factors = {i: math.sqrt(self.dim / spec.layers[i].attention.head_dim) for i in ls}
         return Change(new, maps, zero_roles=frozenset({"attn.k"}), init=self.init,
@@ -245,21 +269,24 @@ class GrowWidth(Pass):
             raise PassError("grow_width is not exact for LayerNorm: zero-padded channels change the mean and the "
                             "variance it normalises by", hint="grow RMSNorm models, or convert the norms first")
 
-    def change(self, model):
+    def new_spec(self, model):
         spec = spec_of(model)
         f = spec.width / self.width
 
         def norm(n: S.Norm | None) -> S.Norm | None:
             return None if n is None else replace(n, eps=n.eps * f)
 
-        new = spec.replace(
+        return spec.replace(
             width=self.width,
             embed=replace(spec.embed, norm=norm(spec.embed.norm)),
             layers=tuple(replace(ly, norm=norm(ly.norm)) for ly in spec.layers),
             head=replace(spec.head, norm=norm(spec.head.norm)),
         )
-        g = math.sqrt(f)
-        return Change(new, {"D": grow_map(spec.width, self.width)}, zero_side="out", init=self.init,
+
+    def change(self, model):
+        spec = spec_of(model)
+        g = math.sqrt(spec.width / self.width)
+        return Change(self.new_spec(model), {"D": grow_map(spec.width, self.width)}, zero_side="out", init=self.init,
                       scale=lambda name, info: g if info.io == ("norm",) else 1.0)
 
 
@@ -304,6 +331,13 @@ class AddLayers(Pass):
             raise PassError("add_layers is not exact for post-norm layers: the norm after the residual sum changes "
                             "the stream even when the new block adds zero", hint="grow pre-norm models")
 
+    def new_params(self, model):
+        """The old layers once each and n more of the template (counted without the new spec:
+        n may be far more layers than could be listed)."""
+        spec = spec_of(model)
+        tpl = max(self._at(spec) - 1, 0)
+        return resized_params(model, sizes(spec) | {"L": spec.n_layers + self.n}, {tpl: 1 + self.n})
+
     def change(self, model):
         spec = spec_of(model)
         at, n = self._at(spec), self.n
@@ -345,9 +379,12 @@ class GrowVocab(Pass):
                             "initialise its new rows yourself")
         _not_smaller(self.name, "vocabulary", spec.vocab, self.vocab)
 
+    def new_spec(self, model):
+        return spec_of(model).replace(vocab=self.vocab)
+
     def change(self, model):
         spec = spec_of(model)
-        return Change(spec.replace(vocab=self.vocab), {"V": grow_map(spec.vocab, self.vocab)}, init=self.init)
+        return Change(self.new_spec(model), {"V": grow_map(spec.vocab, self.vocab)}, init=self.init)
 
     def comparable(self, old, new):
         return (old, new[..., : old.shape[-1]]) if spec_is_lm(old, new) else (old, new)
@@ -372,9 +409,11 @@ class GrowContext(Pass):
             raise PassError("grow_context applies to token models; an image model's length is set by its patches")
         _not_smaller(self.name, "context", spec.context or 0, self.context)
 
+    def new_spec(self, model):
+        return spec_of(model).replace(context=self.context)
+
     def change(self, model):
-        spec = spec_of(model)
-        new = spec.replace(context=self.context)
+        spec, new = spec_of(model), self.new_spec(model)
         learned = spec.embed.positions.kind == "learned"
         if learned and spec.multimodal and not spec.image_first:
             raise PassError("grow_context: the text comes before the image, so longer text would move the image's "

@@ -5,6 +5,7 @@ The text uses the spec language's call syntax (same parser, same located errors)
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from mptc.evaluate import CallValue, Sym, V, evaluate, evaluate_lets
 from mptc.syntax import parse_calls
 
 from . import PASSES
-from .base import Pass
+from .base import Pass, argument_problem
 from .engine import Init
 
 INIT_KINDS = ("zeros", "normal", "copy")
@@ -89,6 +90,7 @@ def _value(key: str, v: V):
         for i in items:
             if isinstance(i.value, bool) or not isinstance(i.value, int):
                 raise SpecError(f"layers must be a layer index or a list of them, got {i.kind}", i.span)
+            _check("layer index", i.value, i)
         return [i.value for i in items]
     if key == "mode":
         if not isinstance(x, Sym) or x.name not in ("join", "kv"):
@@ -98,12 +100,21 @@ def _value(key: str, v: V):
     if key == "factor":
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise SpecError(f"factor must be a number, got {v.kind}", v.span)
+        _check(key, x, v)
         return float(x)
     if isinstance(x, float) and x.is_integer():
         x = int(x)
     if isinstance(x, bool) or not isinstance(x, int):
         raise SpecError(f"{key} must be a whole number, got {v.kind}", v.span)
+    _check(key, x, v)
     return x
+
+
+def _check(key: str, x, v: V) -> None:
+    """Refuse, at the argument's place in the text, a value no pass could use (see `argument_problem`)."""
+    problem = argument_problem(key, x)
+    if problem:
+        raise SpecError(problem, v.span)
 
 
 def _init(v: V) -> Init:
@@ -116,8 +127,10 @@ def _init(v: V) -> Init:
         for k, a in args.items():
             if k != key:
                 raise SpecError(f"unknown argument '{k}' for {x.name}()", a.span, f"write {x.name}({key} = …)")
-            if isinstance(a.value, bool) or not isinstance(a.value, (int, float)) or a.value < 0:
-                raise SpecError(f"{key} must be a non-negative number, got {a.kind}", a.span)
+            if isinstance(a.value, bool) or not isinstance(a.value, (int, float)) or not (
+                    math.isfinite(a.value) and a.value >= 0):
+                shown = a.value if isinstance(a.value, (int, float)) and not isinstance(a.value, bool) else a.kind
+                raise SpecError(f"{key} must be a finite non-negative number, got {shown}", a.span)
         a = args.get(key)
         return Init(x.name, float(a.value) if a is not None else None)
     raise SpecError("init must be zeros, normal(std = …) or copy(noise = …)", v.span,
