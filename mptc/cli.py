@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                    "and RMSNormalization; 18 for runtimes without them)")
     c.add_argument("--task", metavar="NAME|all", help="compile the sub-network of a task named in the spec's "
                    "`tasks` (cut out physically); `all`: one .onnx/.pt2 file per task, named OUT.TASK.onnx")
+    c.add_argument("--external-data", action="store_true", help="ONNX: weights in OUT.data beside the graph "
+                   "(the default only past the 2 GB limit of one ONNX file)")
 
     c = sub.add_parser("grow", help="apply verified growth passes",
                        description="Apply a pipeline of passes to SRC and write OUT_DIR (model.mpt, "
@@ -118,9 +120,13 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("import-hf", help="import a Hugging Face checkpoint as a model dir",
                        description="Read a Hugging Face model directory (config.json and *.safetensors, sharded or "
                        "not, or pytorch_model.bin) and write a model dir. Families: GPT-2, Llama, Mistral, Qwen2, "
-                       "BERT, ViT. Needs `pip install \"mptc[hf]\"` only for export-hf.")
+                       "BERT, ViT. Every tensor of the checkpoint must be used and every tensor of the model found. "
+                       "Needs `pip install \"mptc[hf]\"` only for --check and export-hf.")
     c.add_argument("src", metavar="HF_DIR")
     c.add_argument("-o", "--output", required=True, metavar="MODEL_DIR")
+    c.add_argument("--check", action="store_true",
+                   help="before writing, compare the import with transformers on a padded probe batch; fail (writing "
+                   "nothing) when the max error exceeds 1e-4 relative to max(1, |output|)")
 
     c = sub.add_parser("export-hf", help="export a model dir as a Hugging Face checkpoint",
                        description="Write config.json and model.safetensors that `transformers` loads with "
@@ -141,6 +147,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--random", type=int, metavar="B", help="a random batch of B inputs (from --seed)")
     c.add_argument("--pixels-file", metavar="X.npy", help="images as a (B, C, H, W) float array")
     c.add_argument("--mask-file", metavar="M.npy", help="attention_mask (B, T) of 1 (token) and 0 (padding)")
+    c.add_argument("--token-types-file", metavar="X.npy",
+                   help="token_type_ids (B, T), integers in 0..segments-1 (models with `segments`; default all 0)")
+    c.add_argument("--conditions-file", metavar="X.npy",
+                   help="the side input `conditions` as a (B, C) float array (models with `conditions = C`)")
     _choice_args(c, required=False)
     c.add_argument("--onnx", metavar="FILE", help="run this ONNX file in ONNX Runtime instead of PyTorch")
     c.add_argument("--compare", action="store_true",
@@ -154,7 +164,48 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_train.add_commands(sub)
     COMMANDS.update(cli_train.COMMANDS)
+    for name in (n for n in WRITERS if n in sub.choices):
+        sub.choices[name].add_argument(
+            "--force", action="store_true", help="replace the output even where it is not an earlier output of "
+            "the same kind (never an input, the current directory or a parent of it, or the home directory)")
     return p
+
+
+WRITERS = ("compile", "grow", "extract", "reorder", "import-hf", "export-hf", "run", "train", "search")
+INPUT_ARGS = ("spec", "src", "a", "b", "data", "passes_file", "resume", "onnx", "ids_file", "pixels_file",
+              "mask_file", "token_types_file", "conditions_file", "tokenizer")
+
+
+def _output_policy(args) -> dict:
+    """What the command may replace: --force, and its inputs (never replaced; `train --resume DIR -o DIR`
+    and `fmt --write` update theirs in place)."""
+    inputs = []
+    for name in INPUT_ARGS:
+        value = getattr(args, name, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and v and v != "stdlib":
+                inputs.append(v)
+    in_place = [args.spec] if args.command == "fmt" else [args.resume] if getattr(args, "resume", None) else []
+    return {"force": getattr(args, "force", False), "inputs": inputs, "in_place": in_place}
+
+
+OUTPUT_KINDS = {"grow": "model", "reorder": "model", "import-hf": "model", "export-hf": "hf"}
+
+
+def _check_outputs(args) -> None:
+    """Refuse an output before any work (each write checks again); `compile` checks its own, and
+    `train` after reading its checkpoint, before the first step."""
+    from .atomic import check_output
+
+    out = getattr(args, "output", None) if args.command in WRITERS else None
+    if out and args.command in OUTPUT_KINDS:
+        check_output(out, OUTPUT_KINDS[args.command], is_dir=True)
+    elif out and args.command in ("extract", "run"):
+        check_output(out, is_dir=args.command == "extract" and not out.endswith(".onnx"))  # kind from the suffix
+    if args.command == "search":
+        for path, kind in ((args.plot, "png"), (args.json, "search")):
+            if path:
+                check_output(path, kind)
 
 
 def _choice_args(c: argparse.ArgumentParser, required: bool = True) -> None:
@@ -167,9 +218,13 @@ def _choice_args(c: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .atomic import CLI_HINT, output_policy
+
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args) or 0
+        with output_policy(**_output_policy(args), hint=CLI_HINT):
+            _check_outputs(args)
+            return COMMANDS[args.command](args) or 0
     except MptcError as e:
         print(e.render(), file=sys.stderr)
         return 1
@@ -250,6 +305,7 @@ def _short(name: str) -> str:
 
 
 def cmd_compile(args) -> int:
+    from .atomic import atomic_group, check_output
     from .export import export_onnx, export_pt2
     from .model import load_model, save
 
@@ -269,13 +325,19 @@ def cmd_compile(args) -> int:
         stem, dot, suffix = args.output.rpartition(".")
         targets = [(f"{stem}.{n}.{suffix}" if args.task == "all" else args.output, _task_model(model, n))
                    for n in names]
-    for out, m in targets:
-        if out.endswith(".onnx"):
-            export_onnx(m, out, opset=args.opset)
-        elif out.endswith(".pt2"):
-            export_pt2(m, out)
-        else:
-            save(m, out)
+    if args.external_data and not all(out.endswith(".onnx") for out, _ in targets):
+        raise MptcError("--external-data applies to ONNX outputs: OUT must end in .onnx")
+    for out, _ in targets:  # refused before any export
+        check_output(out, is_dir=not out.endswith((".onnx", ".pt2")))
+    with atomic_group():  # --task all: every file lands, or none
+        for out, m in targets:
+            if out.endswith(".onnx"):
+                export_onnx(m, out, opset=args.opset, external_data=True if args.external_data else None)
+            elif out.endswith(".pt2"):
+                export_pt2(m, out)
+            else:
+                save(m, out)
+    for out, _ in targets:
         print(f"wrote {out}")
     return 0
 
@@ -291,66 +353,216 @@ def _task_model(model, name: str):
     return Pipeline([Extract(task=name)])(model)[0]
 
 
-def _inputs(args, spec) -> dict[str, np.ndarray]:
-    from .export import example_inputs
+MAX_VALUES = 1 << 30  # the largest tensor `mptc run` makes (4 GiB of float32): a typo in --random is refused
 
+
+def _inputs(args, spec) -> dict[str, np.ndarray]:
+    """The forward inputs from the command line, checked against the spec (in the order of spec.inputs)."""
     if args.random is None and args.ids is None and args.ids_file is None and args.pixels_file is None:
         raise MptcError("no input given", hint="pass --ids, --ids-file, --pixels-file or --random B")
     if args.random is not None:
-        if args.random < 1:
-            raise MptcError("--random needs a batch size of at least 1")
-        return {k: v.numpy() for k, v in example_inputs(spec, args.random, 16, seed=args.seed).items()}
-    image = {}
+        return _random_inputs(args, spec)
+    feed: dict[str, np.ndarray] = {}
     if spec.patches is not None:
-        if not args.pixels_file:
-            raise MptcError(f"model '{spec.name}' reads images", hint="pass --pixels-file X.npy or --random B")
-        px = _npy(args.pixels_file).astype(np.float32)
-        p = spec.patches
-        if px.ndim != 4 or px.shape[1:] != (p.channels, p.image, p.image):
-            raise MptcError(f"{args.pixels_file}: pixel_values must have shape (B, {p.channels}, {p.image}, "
-                            f"{p.image}), got {px.shape}")
-        image = {"pixel_values": px}
-        if not spec.reads_tokens:
-            return image
+        feed["pixel_values"] = _pixels(args.pixels_file, spec)  # (B, C, S, S)
     elif args.pixels_file:
-        raise MptcError(f"model '{spec.name}' reads token ids", hint="pass --ids or --ids-file")
-    if args.ids is None and args.ids_file is None:
-        raise MptcError(f"model '{spec.name}' reads token ids and images", hint="pass --ids or --ids-file too")
+        raise MptcError(f"model '{spec.name}' reads token ids, not images", hint="pass --ids or --ids-file")
+    if spec.reads_tokens:
+        if args.ids is None and args.ids_file is None:
+            raise MptcError(f"model '{spec.name}' reads token ids and images", hint="pass --ids or --ids-file too")
+        ids = _ids(args, spec)  # (B, T)
+        feed |= {"input_ids": ids, "attention_mask": _mask(args.mask_file, ids)}
+        types = _token_types(args.token_types_file, spec, ids)
+        if types is not None:
+            feed["token_type_ids"] = types
+    else:
+        for flag, value in (("--mask-file", args.mask_file), ("--token-types-file", args.token_types_file)):
+            if value:
+                raise MptcError(f"model '{spec.name}' reads images only; {flag} does not apply")
+    rows = len(next(iter(feed.values())))
+    cond = _conditions(args.conditions_file, spec, rows)
+    if cond is not None:
+        feed["conditions"] = cond
+    if "pixel_values" in feed and "input_ids" in feed and len(feed["pixel_values"]) != rows:
+        raise MptcError(f"{len(feed['input_ids'])} token rows but {len(feed['pixel_values'])} images")
+    tokens = feed["input_ids"].shape[1] if "input_ids" in feed else 0
+    _check_size(spec, rows, tokens, args.ids_file or args.pixels_file or "--ids")
+    return {k: feed[k] for k in spec.inputs if k in feed}
+
+
+def _random_inputs(args, spec) -> dict[str, np.ndarray]:
+    from .export import example_inputs
+
+    if args.random < 1:
+        raise MptcError("--random needs a batch size of at least 1")
+    given = [flag for flag, v in (("--pixels-file", args.pixels_file), ("--mask-file", args.mask_file),
+                                  ("--token-types-file", args.token_types_file),
+                                  ("--conditions-file", args.conditions_file)) if v]
+    if given:
+        raise MptcError(f"--random makes every input; it does not combine with {', '.join(given)}")
+    seq = min(16, spec.context or 16) if spec.reads_tokens else 0
+    _check_size(spec, args.random, seq, f"--random {args.random}")
+    return {k: v.numpy() for k, v in example_inputs(spec, args.random, 16, seed=args.seed).items()}
+
+
+def _check_size(spec, rows: int, tokens: int, what: str) -> None:
+    """Refuse, before allocating, inputs whose forward pass makes a tensor of more than MAX_VALUES values:
+    the largest is rows × positions × the widest per-position size (vocab, MLP hidden, heads × positions)."""
+    t = tokens + spec.image_len  # positions, images included
+    widest = max([spec.width, *(ly.mlp.hidden for ly in spec.layers), *(ly.attention.heads * t for ly in spec.layers),
+                  spec.vocab if spec.head.kind == "lm" else 0,
+                  spec.patches.channels * spec.patches.patch**2 if spec.patches else 0])
+    n = rows * t * widest
+    if n <= MAX_VALUES:
+        return
+    fit = MAX_VALUES // (t * widest)
+    raise MptcError(f"{what} would make tensors of {rows} × {t} × {widest} = {_sci(n)} values ({_bytes(4 * n)}) in one "
+                    "forward pass", hint=f"at most {fit} rows of {t} positions stay under {_sci(MAX_VALUES)} values"
+                    if fit else "give fewer tokens")
+
+
+def _sci(n: int) -> str:
+    """A whole number of any size in two significant digits: 1.6e+12."""
+    return f"{n:.2g}" if n < 10**300 else f"1e+{len(str(n)) - 1}"
+
+
+def _bytes(n: int) -> str:
+    for unit, k in (("PB", 10**15), ("TB", 10**12), ("GB", 10**9), ("MB", 10**6)):
+        if k <= n < 10**18:
+            return f"{n / k:.3g} {unit}"
+    return f"{_sci(n)} bytes" if n >= 10**18 else f"{n} bytes"
+
+
+def _ids(args, spec) -> np.ndarray:
+    """Token ids (B, T) int64 from --ids or --ids-file, each in 0..V-1."""
     if args.ids is not None:
         try:
-            ids = np.array([[int(t) for t in args.ids.replace(",", " ").split()]], dtype=np.int64)
+            values = [int(t) for t in args.ids.replace(",", " ").split()]
         except ValueError:
             raise MptcError(f"--ids must be whole numbers separated by spaces, got {args.ids!r}") from None
+        for t, v in enumerate(values):  # Python ints: an id too large for int64 is still just out of range
+            if not 0 <= v < spec.vocab:
+                raise MptcError(f"token id {v} at position {t} (row 0) is outside the vocabulary 0..{spec.vocab - 1}")
+        ids = np.array([values], dtype=np.int64)  # (1, T)
     else:
         ids = _npy(args.ids_file)
         if not np.issubdtype(ids.dtype, np.integer):
             raise MptcError(f"{args.ids_file}: token ids must be integers, got {ids.dtype}")
-        ids = ids.astype(np.int64)
         ids = ids[None] if ids.ndim == 1 else ids
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise MptcError(f"token ids must be a (B, T) array with T ≥ 1, got shape {ids.shape}")
+    if ids.ndim != 2 or 0 in ids.shape:
+        raise MptcError(f"token ids must be a (B, T) array with B ≥ 1 and T ≥ 1, got shape {ids.shape}")
     bad = np.argwhere((ids < 0) | (ids >= spec.vocab))
     if len(bad):
         b, t = bad[0]
         raise MptcError(f"token id {ids[b, t]} at position {t} (row {b}) is outside the vocabulary 0..{spec.vocab - 1}")
     if spec.context is not None and ids.shape[1] > spec.context:
         raise MptcError(f"{ids.shape[1]} tokens exceed the model's context of {spec.context}")
-    mask = np.ones_like(ids)
-    if args.mask_file:
-        mask = _npy(args.mask_file).astype(np.int64)
-        mask = mask[None] if mask.ndim == 1 else mask
-        if mask.shape != ids.shape:
-            raise MptcError(f"{args.mask_file}: attention_mask has shape {mask.shape}, the ids {ids.shape}")
-    if image and len(image["pixel_values"]) != len(ids):
-        raise MptcError(f"{len(ids)} token rows but {len(image['pixel_values'])} images")
-    return {"input_ids": ids, "attention_mask": mask} | image
+    return ids.astype(np.int64)
+
+
+def _mask(path: str | None, ids: np.ndarray) -> np.ndarray:
+    """attention_mask (B, T) int64 of 0 and 1; all ones without a file."""
+    if path is None:
+        return np.ones_like(ids)
+    mask = _npy(path)
+    if not (_numeric(mask) or mask.dtype == np.bool_):
+        raise MptcError(f"{path}: attention_mask must hold integers 0 and 1, got {mask.dtype}")
+    mask = mask[None] if mask.ndim == 1 else mask
+    if mask.shape != ids.shape:
+        raise MptcError(f"{path}: attention_mask has shape {mask.shape}, the ids {ids.shape}")
+    bad = np.argwhere((mask != 0) & (mask != 1))
+    if len(bad):
+        b, t = bad[0]
+        raise MptcError(f"{path}: attention_mask value {mask[b, t].item()} at position {t} (row {b}) is not 0 or 1",
+                        hint="1 marks a token, 0 padding")
+    return mask.astype(np.int64)
+
+
+def _token_types(path: str | None, spec, ids: np.ndarray) -> np.ndarray | None:
+    """token_type_ids (B, T) int64 in 0..S-1, or None (the model takes all zeros)."""
+    if path is None:
+        return None
+    s = spec.embed.segments
+    if not s:
+        raise MptcError(f"model '{spec.name}' reads no token_type_ids", hint="--token-types-file is for models with "
+                        "`segments` (BERT's sentence pairs); types declared in `types { … }` follow from the ids")
+    types = _npy(path)
+    if not np.issubdtype(types.dtype, np.integer):
+        raise MptcError(f"{path}: token types must be integers, got {types.dtype}")
+    types = types[None] if types.ndim == 1 else types
+    if types.shape != ids.shape:
+        raise MptcError(f"{path}: token_type_ids have shape {types.shape}, the ids {ids.shape}")
+    bad = np.argwhere((types < 0) | (types >= s))
+    if len(bad):
+        b, t = bad[0]
+        raise MptcError(f"{path}: token type {types[b, t]} at position {t} (row {b}) is outside 0..{s - 1}",
+                        hint=f"the model has {s} segments")
+    return types.astype(np.int64)
+
+
+def _pixels(path: str | None, spec) -> np.ndarray:
+    """pixel_values (B, C, S, S) float32."""
+    p = spec.patches
+    if not path:
+        raise MptcError(f"model '{spec.name}' reads images", hint="pass --pixels-file X.npy or --random B")
+    px = _npy(path)
+    if not _numeric(px):
+        raise MptcError(f"{path}: pixel_values must be numbers, got {px.dtype}")
+    if px.ndim != 4 or px.shape[1:] != (p.channels, p.image, p.image) or len(px) == 0:
+        raise MptcError(f"{path}: pixel_values must have shape (B, {p.channels}, {p.image}, {p.image}) with B ≥ 1, "
+                        f"got {px.shape}")
+    _finite(px, path, "pixel_values")
+    return px.astype(np.float32)
+
+
+def _conditions(path: str | None, spec, rows: int) -> np.ndarray | None:
+    """The side input `conditions` (B, Cn) float32, or None for a model without one (or not reading it)."""
+    from .lower import reads_conditions
+
+    c = spec.conditions
+    if not c:
+        if path:
+            raise MptcError(f"model '{spec.name}' reads no side input 'conditions'", hint="drop --conditions-file")
+        return None
+    if not path and reads_conditions(spec):
+        raise MptcError(f"model '{spec.name}' reads the side input 'conditions' (B, {c})",
+                        hint=f"pass --conditions-file X.npy (a (B, {c}) float array) or --random B")
+    if not path:
+        return None
+    cond = _npy(path)
+    if not _numeric(cond):
+        raise MptcError(f"{path}: conditions must be numbers, got {cond.dtype}")
+    cond = cond[None] if cond.ndim == 1 else cond
+    if cond.ndim != 2 or cond.shape[1] != c or len(cond) == 0:
+        raise MptcError(f"{path}: conditions must have shape (B, {c}), got {cond.shape}")
+    if len(cond) != rows:
+        raise MptcError(f"{path}: {len(cond)} conditions rows but {rows} token rows", hint="give one row per example")
+    _finite(cond, path, "conditions")
+    return cond.astype(np.float32)
+
+
+def _numeric(x: np.ndarray) -> bool:
+    return np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+
+
+def _finite(x: np.ndarray, path: str, name: str) -> None:
+    bad = np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+    if len(bad):
+        raise MptcError(f"{path}: {name} hold NaN or infinite values (row {bad[0][0]})")
 
 
 def _npy(path: str) -> np.ndarray:
+    """One array from a .npy file (no pickles)."""
+    if not Path(path).is_file():
+        raise MptcError(f"no such file: {path}" if not Path(path).exists() else f"{path} is not a file")
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise MptcError(f"cannot read {path} as a .npy array: {e}") from None
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # empty, not .npy, an object array
+        raise MptcError(f"cannot read {path} as a .npy array: {e}", hint="write it with numpy.save") from None
+    if not isinstance(x, np.ndarray):  # an .npz archive
+        x.close()
+        raise MptcError(f"{path} is an .npz archive, not one array", hint="write one array with numpy.save")
+    return x
 
 
 def cmd_run(args) -> int:
@@ -362,6 +574,14 @@ def cmd_run(args) -> int:
 
     if args.compare and not args.onnx:
         raise MptcError("--compare needs --onnx FILE (it compares PyTorch with ONNX Runtime)")
+    if args.output and Path(args.output).is_dir():
+        raise MptcError(f"-o {args.output} is a directory", hint="name the file to write, e.g. -o OUT.npy")
+    if args.onnx and not Path(args.onnx).is_file():
+        raise MptcError(f"no such ONNX file: {args.onnx}")
+    if args.onnx and _choice_given(args):
+        raise MptcError("--mlp, --mix, --heads, --drop-layers and --task pick a sub-network of the PyTorch module; "
+                        "an ONNX file runs as it was compiled", hint="cut the sub-network out first: `mptc extract SRC "
+                        "--mlp s -o SUB`, `mptc compile SUB -o SUB.onnx`, then `mptc run SUB --onnx SUB.onnx`")
     spec = load(args.spec)
     feed = _inputs(args, spec)
     torch_out = None
@@ -377,18 +597,22 @@ def cmd_run(args) -> int:
             torch_out = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
     out = torch_out
     if args.onnx:
-        if not Path(args.onnx).is_file():
-            raise MptcError(f"no such ONNX file: {args.onnx}")
         out = run_onnx(args.onnx, feed)
     engine = "ONNX Runtime" if args.onnx else "PyTorch"
     print(f"{spec.name} ({engine}): {spec.output} {tuple(out.shape)}")
     _print_top(spec, out, args.top)
     if args.output:
-        with atomic_file(args.output) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, out)
+        try:
+            with atomic_file(args.output, kind="array") as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, out)
+        except OSError as e:  # a parent that is a file, no permission, a full disk
+            raise MptcError(f"cannot write {args.output}: {e.strerror or e}") from None
         print(f"wrote {args.output}")
     if args.compare:
+        if out.shape != torch_out.shape:
+            raise MptcError(f"{args.onnx} gives {spec.output} of shape {tuple(out.shape)}, PyTorch "
+                            f"{tuple(torch_out.shape)}", hint=f"was {args.onnx} compiled from {args.spec}?")
         diff = float(np.abs(out.astype(np.float64) - torch_out.astype(np.float64)).max())
         ok = diff <= args.tol
         print(f"PyTorch vs ONNX Runtime: max abs diff {diff:.3g} ({'agree' if ok else 'DIFFER'}, tol {args.tol:g})")
@@ -497,7 +721,7 @@ def cmd_reorder(args) -> int:
 def cmd_import_hf(args) -> int:
     from .hf import import_hf
 
-    import_hf(args.src, args.output)
+    import_hf(args.src, args.output, check=args.check, log=print)
     print(f"wrote {args.output}")
     return 0
 

@@ -23,6 +23,8 @@ TRAIN_OPTIONS = {  # flag → (TrainConfig field, type, help)
     "--seed": ("seed", int, "weight init (spec SRC), batch sampling and dropout seed (default 0)"),
     "--save-every": ("save_every", int, "checkpoint every N steps (default: at every evaluation)"),
     "--stop-at": ("stop_at", int, "stop after this step and checkpoint; the schedule still spans --steps"),
+    "--regrow-warmup": ("regrow_warmup", int, "after each --grow, ramp the learning rate linearly from ~0 back to "
+                        "the schedule over N steps (default 0: no re-warmup)"),
 }
 
 
@@ -42,6 +44,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--nested", choices=("sum", "sample"), help="MatFormer loss: sum over granularities each step "
                    "(default) or one sampled granularity per step")
     c.add_argument("--resume", metavar="DIR", help="go on from this checkpoint (an earlier OUT_DIR)")
+    c.add_argument("--grow", action="append", metavar='"STEP: PASS(…); …"', help="after STEP steps, grow the model "
+                   "with verified growth passes (as `mptc grow -p` takes them, `;` between passes) and train on; "
+                   'repeatable, e.g. --grow "200: grow_width(width = 128); grow_mlp(factor = 2)"')
+    c.add_argument("--tokenizer", metavar="tokenizer.json", help="a Hugging Face tokenizer.json: train on its tokens "
+                   "instead of bytes (kept in OUT_DIR; the model's vocab must hold its tokens)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar (evaluation lines only)")
     _threads_arg(c)
     c.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
@@ -83,14 +90,34 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _tokens(data: list[str], console=None):
-    from .data import read_bytes, resolve_sources
+def _tokens(data: list[str], console=None, tokenizer: str | Path | None = None):
+    """The token ids of the `--data` sources: bytes, or the ids of the tokenizer.json at `tokenizer`."""
+    from .data import load_tokenizer, read_tokens, resolve_sources
 
     files = resolve_sources(data)
-    tokens = read_bytes(files)
+    tokens = read_tokens(files, None if tokenizer is None else load_tokenizer(tokenizer))
     if console is not None:
-        console.print(f"data: {len(files)} files, {tokens.numel():,} bytes")
+        console.print(f"data: {len(files)} files, {tokens.numel():,} " + ("bytes" if tokenizer is None else
+                                                                          f"tokens ({tokenizer})"))
     return tokens
+
+
+def _resume_tokenizer(resume: str, given: str | None) -> Path | None:
+    """The tokenizer a resumed run uses: the checkpoint's; --tokenizer may only name the same one."""
+    from .data import TOKENIZER_FILE
+
+    saved = Path(resume) / TOKENIZER_FILE
+    saved = saved if saved.is_file() else None
+    if given is not None:
+        try:
+            same = saved is not None and Path(given).read_bytes() == saved.read_bytes()
+        except OSError as e:
+            raise MptcError(f"cannot read the tokenizer {given}: {e.strerror}") from None
+        if not same:
+            raise MptcError(f"--tokenizer {given} is not the tokenizer {resume} was trained with "
+                            f"({saved or 'bytes, no tokenizer'})", hint="leave out --tokenizer to resume with the "
+                            "checkpoint's own")
+    return saved
 
 
 def cmd_train(args) -> int:
@@ -106,6 +133,8 @@ def cmd_train(args) -> int:
     given = {k: v for k, v in given.items() if v is not None}
     if args.nested is not None:
         given["nested"] = args.nested
+    if args.grow is not None:
+        given["growth"] = list(args.grow)
     if args.resume:
         state = _checkpoint_log(args.resume)
         data = args.data or state.get("data")
@@ -114,7 +143,7 @@ def cmd_train(args) -> int:
         if args.spec and load(args.spec) != load(args.resume):
             raise MptcError(f"{args.spec} is not the model saved in {args.resume}",
                             hint="leave SRC out to resume the checkpoint's model")
-        tokens = _tokens(data, console)
+        tokens = _tokens(data, console, _resume_tokenizer(args.resume, args.tokenizer))
         trainer = T.Trainer.resume(args.resume, tokens, **given)
         if trainer.log.get("data_tokens") != tokens.numel():
             console.print(f"[yellow]warning: the checkpoint was trained on {trainer.log.get('data_tokens'):,} bytes, "
@@ -128,15 +157,25 @@ def cmd_train(args) -> int:
                             "standard library's source (byte-level text every machine has)")
         data = args.data
         model = load_model(args.spec, seed=given.get("seed", 0))
-        T.check_model(model.meta["mptc.spec"])
-        tokens = _tokens(args.data, console)
-        trainer = T.Trainer(model, tokens, T.TrainConfig(**given))
+        config = T.TrainConfig(**given)
+        config.check()
+        spec = model.meta["mptc.spec"]
+        if args.tokenizer is None:
+            T.check_model(spec)
+        else:
+            from .data import load_tokenizer, tokenizer_vocab
+
+            T.check_model(spec, tokenizer_vocab(load_tokenizer(args.tokenizer)), args.tokenizer)
+        T.check_growth(T.parse_growth(config.growth), spec, config.steps)  # refused before the data is read
+        tokens = _tokens(args.data, console, args.tokenizer)
+        trainer = T.Trainer(model, tokens, config, args.tokenizer)
     trainer.log["data"] = list(data)
     spec, c = trainer.spec, trainer.config
     grans = ", ".join(trainer.grans)
+    unit = "bytes" if trainer.tokenizer_json is None else "tokens"
     console.print(f"{spec.name}: {human(sum(p.numel() for p in trainer.params))} parameters; granularities {grans}"
                   f"{f' ({c.nested})' if len(trainer.grans) > 1 else ''}; {trainer.train_tokens.numel():,} train / "
-                  f"{trainer.val_tokens.numel():,} held-out bytes; batch {c.batch} × {trainer.seq}")
+                  f"{trainer.val_tokens.numel():,} held-out {unit}; batch {c.batch} × {trainer.seq}")
     trainer.run(args.output, progress=not args.no_progress, console=console)
     last = trainer.log["eval"][-1]
     console.print(f"step {trainer.step}: held-out loss " + ", ".join(f"{n} {v:.4f}" for n, v in last["losses"].items()))
@@ -176,10 +215,17 @@ def cmd_search(args) -> int:
     data = args.data or log.get("data")
     batches = None
     if data:
-        check_model(spec)
+        from .data import TOKENIZER_FILE, load_tokenizer, tokenizer_vocab
+
+        tokenizer = Path(args.spec) / TOKENIZER_FILE if trained else None  # a checkpoint's data is its tokens
+        if tokenizer is not None and tokenizer.is_file():
+            check_model(spec, tokenizer_vocab(load_tokenizer(tokenizer)), str(tokenizer))
+        else:
+            tokenizer = None
+            check_model(spec)
         seq = args.seq or spec.seq_len or 128
         held_out = args.held_out or log.get("config", {}).get("held_out", 0.05)
-        _, val = split_tokens(_tokens(data, console), held_out)
+        _, val = split_tokens(_tokens(data, console, tokenizer), held_out)
         batches = eval_batches(val, args.eval_batches, args.batch, seq)
     elif args.plot:
         raise MptcError("--plot needs held-out losses", hint="pass --data FILES… (or search a trained checkpoint)")

@@ -1,4 +1,5 @@
-"""Byte-level text data: files read as bytes are token ids 0..255 (no tokenizer to ship).
+"""Text data: by default files read as bytes are token ids 0..255 (no tokenizer to ship); with a
+Hugging Face `tokenizer.json` (the `tokenizers` library), the ids are its tokens.
 
 The real-text corpus every machine has is the Python standard library's own source.
 """
@@ -17,6 +18,7 @@ from .errors import MptcError
 from .model import spec_of
 
 BYTE_VOCAB = 256
+TOKENIZER_FILE = "tokenizer.json"  # the name a tokenizer has in a checkpoint dir
 
 
 def stdlib_files(limit: int | None = None) -> list[Path]:
@@ -104,3 +106,57 @@ def even_windows(tokens: torch.Tensor, n: int, length: int) -> torch.Tensor:
                         hint="give more data or a larger held-out fraction")
     start = torch.linspace(0, tokens.numel() - length, n).long()
     return torch.stack([tokens[s: s + length] for s in start.tolist()])
+
+
+# --- a tokenizer instead of bytes ------------------------------------------------------------
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The Hugging Face tokenizer in `path` (a tokenizer.json), set to encode whole files (no truncation,
+    no padding). Returns a `tokenizers.Tokenizer`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MptcError(f"cannot read the tokenizer {path}: {getattr(e, 'strerror', None) or e}",
+                        hint="--tokenizer takes a Hugging Face tokenizer.json") from None
+    return tokenizer_from_text(text, str(path))
+
+
+def tokenizer_from_text(text: str, name: str = "tokenizer.json"):
+    """A `tokenizers.Tokenizer` from the text of a tokenizer.json (`name` for errors)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise MptcError("--tokenizer needs the `tokenizers` library", hint="pip install tokenizers") from None
+    try:
+        tok = Tokenizer.from_str(text)
+    except Exception as e:  # the library raises a bare Exception for malformed JSON or unknown models
+        raise MptcError(f"{name} is not a Hugging Face tokenizer.json: {e}") from None
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def tokenizer_vocab(tok) -> int:
+    """How many ids the tokenizer can give (added and special tokens included)."""
+    return tok.get_vocab_size(with_added_tokens=True)
+
+
+def read_tokens(paths: Sequence[str | os.PathLike], tokenizer=None) -> torch.Tensor:
+    """All files as one stream of token ids (int64): bytes without a tokenizer (see `read_bytes`),
+    else each file's UTF-8 text followed by a newline, encoded without special tokens."""
+    if tokenizer is None:
+        return read_bytes(paths)
+    texts = []
+    for p in paths:
+        try:
+            texts.append(Path(p).read_text(encoding="utf-8") + "\n")
+        except OSError as e:
+            raise MptcError(f"cannot read {p}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise MptcError(f"{p} is not UTF-8 text (byte {e.start}): a tokenizer reads text",
+                            hint="leave out --tokenizer to train on bytes, which reads any file") from None
+    if not texts:
+        raise MptcError("no data files given")
+    ids = [i for enc in tokenizer.encode_batch(texts, add_special_tokens=False) for i in enc.ids]
+    return torch.tensor(ids, dtype=torch.long)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import syntax as ast
 from .errors import Span, SpecError, suggest
+from .spec import MAX_INT, MAX_LAYERS
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ def evaluate(expr: ast.Expr, env: dict[str, V]) -> V:
         v = evaluate(expr.operand, env)
         return V(-_num(_known(v, env), "-"), s)
     if isinstance(expr, ast.ListExpr):
+        _list_size(len(expr.items), s)
         return V([evaluate(i, env) for i in expr.items], s)
     if isinstance(expr, ast.Call):
         kwargs: dict[str, V] = {}
@@ -81,7 +84,7 @@ def evaluate(expr: ast.Expr, env: dict[str, V]) -> V:
     if isinstance(expr, ast.BinOp):
         a = _known(evaluate(expr.left, env), env)
         b = _known(evaluate(expr.right, env), env)
-        return V(_binop(expr.op, a, b, s), s)
+        return V(_bounded(_binop(expr.op, a, b, s), s), s)
     raise AssertionError(f"unhandled expression {expr!r}")
 
 
@@ -94,10 +97,13 @@ def _known(v: V, env: dict[str, V]) -> V:
 def _binop(op: str, a: V, b: V, span: Span) -> Any:
     if isinstance(a.value, list) or isinstance(b.value, list):
         if op == "+" and isinstance(a.value, list) and isinstance(b.value, list):
+            _list_size(len(a.value) + len(b.value), span)
             return a.value + b.value
         if op == "*":
             lst, n = (a, b) if isinstance(a.value, list) else (b, a)
-            return [V(i.value, i.span) for _ in range(_times(n)) for i in lst.value]
+            times = _times(n)
+            _list_size(len(lst.value) * times, span)
+            return [V(i.value, i.span) for _ in range(times) for i in lst.value]
         if op == "+":
             other = b if isinstance(a.value, list) else a
             raise SpecError(f"'+' joins two lists, got a list and {other.kind}", other.span)
@@ -105,17 +111,46 @@ def _binop(op: str, a: V, b: V, span: Span) -> Any:
     x, y = _num(a, op), _num(b, op)
     if op in ("/", "//", "%") and y == 0:
         raise SpecError("division by zero", b.span)
-    if op == "+":
-        return x + y
-    if op == "-":
-        return x - y
-    if op == "*":
-        return x * y
-    if op == "/":
-        return x / y
-    if op == "//":
-        return x // y
-    return x % y
+    try:
+        if op == "+":
+            return x + y
+        if op == "-":
+            return x - y
+        if op == "*":
+            return x * y
+        if op == "/":
+            return x / y
+        if op == "//":
+            return x // y
+        return x % y
+    except OverflowError:  # float // or % beyond the float range
+        return math.inf
+
+
+def _bounded(x: Any, span: Span) -> Any:
+    """An arithmetic result, refused when it leaves int64 (whole numbers) or is not finite (numbers)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return x
+    if isinstance(x, int) and abs(x) > MAX_INT:
+        raise SpecError(f"{_quote(span)} is too large for a whole number", span,
+                        f"whole numbers go up to {MAX_INT} (2^63 - 1)")
+    if isinstance(x, float) and not math.isfinite(x):
+        raise SpecError(f"{_quote(span)} is not a finite number (it is {x})", span, "numbers go up to about 1.8e308")
+    return x
+
+
+def _quote(span: Span) -> str:
+    """The source text of a one-line span, as `a * b`, or 'this value' when it is long or spans lines."""
+    text = span.source.line(span.line)[span.col - 1 : span.end_col - 1] if span.source else ""
+    return f"`{text}`" if text and span.end_line == span.line and len(text) <= 40 else "this value"
+
+
+def _list_size(n: int, span: Span) -> None:
+    """Refuse a list longer than MAX_LAYERS before it is made: lists hold per-layer values."""
+    if n > MAX_LAYERS:
+        raise SpecError(f"a list holds at most {MAX_LAYERS} values, this one would hold {n}", span,
+                        f"a per-layer list has exactly one value per layer, and a model has at most {MAX_LAYERS} "
+                        "layers")
 
 
 def _times(n: V) -> int:

@@ -2,7 +2,7 @@
 
 Every node carries `node.meta["mptc"]` (a `NodeInfo`): the layer it belongs to, its role
 (`attn.q`, `mlp.down`, `norm.attn`, …) and, for parameters and shape constants, the
-dimension symbols of each axis (DESIGN.md). A parameter axis is a tuple of symbols whose
+dimension symbols of each axis (docs/architecture.md). A parameter axis is a tuple of symbols whose
 sizes multiply, outermost first: the query weight is ((H[l], K[l]), (D,)).
 """
 
@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from . import ops
 from . import spec as S
+from .errors import Span, SpecError
 from .nested import Nest
 
 Axes = tuple[tuple[str, ...], ...]
@@ -80,6 +81,38 @@ def sizes(spec: S.Spec) -> dict[str, int]:
     return out
 
 
+SYMBOL_FIELDS = {  # the spec fields that set a dimension symbol, most specific first
+    "D": ("width",), "V": ("vocab", "embed.types"), "P": ("context", "embed.input"), "C": ("head.classes",),
+    "S": ("embed.segments",), "Cn": ("conditions",), "M": ("embed.experts",), "I": ("embed.input",),
+    "MOD": ("embed.input",), "T": ("embed.types",), "H": ("layers.attention.heads",),
+    "G": ("layers.attention.kv_heads", "layers.attention.heads"),
+    "K": ("layers.attention.head_dim", "layers.attention.heads", "width"),
+    "Dv": ("layers.attention.value_dim", "layers.attention.head_dim", "layers.attention.heads", "width"),
+    "F": ("layers.mlp.hidden", "width"), "R": ("layers.hyper",),
+}
+
+
+def symbol_span(spec: S.Spec, sym: str) -> Span | None:
+    """Where a dimension symbol (`D`, `H[3]`, `V:text`, `F:hyper[0]`) is set in the spec's source, if known."""
+    base, _, rest = sym.partition("[")
+    layer = int(rest.rstrip("]")) if rest else None
+    if base.startswith("V:"):
+        keys: tuple[str, ...] = ("embed.types",)
+    elif base.startswith("F:"):
+        keys = ("layers.hyper",) if base == "F:hyper" else (base[2:],)
+    else:
+        keys = SYMBOL_FIELDS.get(base, ())
+    for k in (*keys, "model"):
+        v = spec.spans.get(k)
+        if v is None:
+            continue
+        items = getattr(v, "value", None)
+        if layer is not None and isinstance(items, list) and layer < len(items):
+            return items[layer].span
+        return v.span
+    return None
+
+
 class _Builder:
     def __init__(self, spec: S.Spec, device: torch.device | str):
         self.spec, self.device = spec, torch.device(device)
@@ -101,11 +134,20 @@ class _Builder:
     # --- nodes ---
     def param(self, name: str, axes: Axes, role: str, init: str, io: tuple[str, ...]) -> fx.Node:
         shape = tuple(math.prod(self.sizes[s] for s in ax) for ax in axes)
+        if math.prod(shape) >= S.MAX_ELEMENTS:  # torch cannot size it, not even on the meta device
+            raise self._too_large(name, axes, shape)
         owner, leaf = self._owner(name)
         owner.register_parameter(leaf, nn.Parameter(torch.empty(shape, device=self.device)))
         info = NodeInfo(role, self.layer, axes, None, init, io)
         self.params[name] = info
         return self._tag(self.g.get_attr(name), info)
+
+    def _too_large(self, name: str, axes: Axes, shape: tuple[int, ...]) -> SpecError:
+        """The error for a parameter beyond MAX_ELEMENTS, at the field of its largest dimension."""
+        big = max((s for ax in axes for s in ax), key=lambda s: self.sizes[s])
+        dims = " × ".join(f"{n:,}" for n in shape)
+        return SpecError(f"parameter '{name}' would have {math.prod(shape):.3g} elements ({dims}), more than a tensor "
+                         f"can hold (2^60)", symbol_span(self.spec, big), "make that dimension smaller")
 
     def input(self, name: str, **kw) -> fx.Node:
         return self._tag(self.g.placeholder(name, **kw), NodeInfo("input"))
@@ -176,6 +218,38 @@ class _Builder:
         return self.module(name, nn.Dropout(p), (x,), role) if p > 0 else x
 
 
+def _required_inputs(spec: S.Spec) -> dict[str, str]:
+    """The inputs the forward cannot do without, with their shapes; attention_mask and token_type_ids
+    are optional (all tokens real, all segment 0)."""
+    out = {}
+    if spec.reads_tokens:
+        out["input_ids"] = "(B, T)"
+    if spec.patches is not None:
+        p = spec.patches
+        out["pixel_values"] = f"(B, {p.channels}, {p.image}, {p.image})"
+    if reads_conditions(spec):
+        out["conditions"] = f"(B, {spec.conditions})"
+    return out
+
+
+def reads_conditions(spec: S.Spec) -> bool:
+    """Whether a feature reads the side input (FiLM from it, an expert gate, a hypernetwork): a model
+    that only declares `conditions = N` runs without it."""
+    e = spec.embed
+    return bool(spec.conditions) and (e.condition is not None or any(ly.hyper for ly in spec.layers)
+                                      or (e.experts is not None and e.experts.gate == "condition"))
+
+
+def require_input(x: torch.Tensor | None, model: str, name: str, shape: str) -> torch.Tensor:
+    """x itself; an MptcError naming the input when it was left out."""
+    if x is None:
+        from .errors import MptcError
+
+        raise MptcError(f"model '{model}' needs the input '{name}' {shape}",
+                        hint=f"call it with {name}=… (a tensor of shape {shape})")
+    return x
+
+
 def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
     """Build the graph and an uninitialised parameter tree (float32, on `device`)."""
     b = _Builder(spec, device)
@@ -185,6 +259,8 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu") -> Lowered:
     # --- inputs and embeddings ---  x: (B, T, D)
     # placeholders in the order of spec.inputs; all but the first may be left out (None)
     ins = {name: b.input(name, **({} if k == 0 else {"default_value": None})) for k, name in enumerate(spec.inputs)}
+    for name, shape in _required_inputs(spec).items():  # a clear error, not a TypeError deep in the graph
+        ins[name] = b.call(require_input, ins[name], spec.name, name, shape, role="input")
     src, mask_in, cond = ins.get("input_ids"), ins.get("attention_mask"), ins.get("conditions")  # (B, T), (B, Cn)
     b.conditions = cond
     image = None

@@ -69,7 +69,12 @@ def build(spec: S.Spec, weights: str | os.PathLike | dict | None = None, seed: i
     if weights is not None or str(device) != "meta":
         _check_fits(spec, low, dtype, device)
     name = re.sub(r"\W", "_", spec.name) or "Model"
-    gm = fx.GraphModule(low.root, low.graph, class_name=name)
+    try:
+        gm = fx.GraphModule(low.root, low.graph, class_name=name)
+    except SyntaxError as e:  # the generated forward does not compile: a name from the spec Python cannot use
+        model = spec.spans.get("model")
+        raise MptcError(f"cannot build model '{spec.name}': its generated code does not compile ({e.msg})",
+                        model.span if model is not None else None, "rename the names the spec gives") from None
     gm.meta["mptc.spec"] = spec
     gm.meta["mptc.params"] = low.params
     if weights is not None:

@@ -5,8 +5,9 @@ W2[:, :k]) and/or the first f·G kv head groups of its attention (whole groups, 
 holds). Skippable layers may be left out. A `Choice` names one sub-network; it is written as
 text like the command line takes it:
 
-    mlp="s"                 every nested MLP at granularity s
-    mix="s,s,m,l,xl,xl"     Mix'n'Match: one granularity per layer (names or fractions: 0.5, 1/8)
+    mlp="s"                 every nested MLP at granularity s (un-nested layers stay whole)
+    mix="s,s,m,l,xl,xl"     Mix'n'Match: one granularity per layer (names or fractions: 0.5, 1/8;
+                            xl for a layer without nesting)
     heads="m"               every nested attention at granularity m
     skip=[3, 7]             leave out layers 3 and 7 (they must be `skippable`)
 
@@ -80,17 +81,36 @@ def _level(token: str, levels: tuple[float, ...] | None, layer: int, what: str) 
                     f"({', '.join(f'{n} = {x:g}' for n, x in zip(names, levels, strict=True))})")
 
 
-def _tokens(text: str | None, n: int) -> list[str]:
-    """Per-layer granularity tokens from "s" (all layers) or "s,s,m,l" (one per layer)."""
+def _tokens(text: str | None, n: int) -> list[str] | None:
+    """Per-layer granularity tokens from "s,s,m,l" (one per layer); None for one token ("s"), which
+    applies to every nested layer (see `_per_layer`)."""
     if text is None:
         return ["xl"] * n
     tokens = [t for t in str(text).replace(" ", ",").split(",") if t]
     if len(tokens) == 1:
-        tokens *= n
+        return None
     if len(tokens) != n:
         raise MptcError(f"the mix lists {len(tokens)} granularities but the model has {n} layers",
                         hint="give one per layer, e.g. " + ",".join(["s"] * n))
     return tokens
+
+
+def _per_layer(text: str | None, levels: list[tuple[float, ...] | None], what: str) -> tuple[float, ...]:
+    """The active fraction of each layer's MLP or attention: a per-layer list must name a level of
+    each layer (xl for an un-nested one); one granularity sets every nested layer and leaves the
+    others whole."""
+    tokens = _tokens(text, len(levels))
+    if tokens is not None:
+        return tuple(_level(t, lv, i, what) if t.strip() != "xl" or lv else 1.0
+                     for i, (t, lv) in enumerate(zip(tokens, levels, strict=True)))
+    token = str(text).strip().strip(",")
+    nested = [i for i, lv in enumerate(levels) if lv]
+    if not nested:
+        if token in ("xl", "1", "1.0", "full"):
+            return (1.0,) * len(levels)
+        raise MptcError(f"no layer has a nested {what}, so the model only runs whole (xl), not {token!r}",
+                        hint=f"declare `nested = […]` in the {what} block")
+    return tuple(_level(token, lv, i, what) if lv else 1.0 for i, lv in enumerate(levels))
 
 
 def parse_choice(spec: S.Spec, mix: str | None = None, *, mlp: str | None = None, heads: str | None = None,
@@ -99,8 +119,6 @@ def parse_choice(spec: S.Spec, mix: str | None = None, *, mlp: str | None = None
     n = spec.n_layers
     if mix is not None and mlp is not None:
         raise MptcError("give either a per-layer mix or one MLP granularity, not both")
-    mlp_tokens = _tokens(mix if mix is not None else mlp, n)
-    head_tokens = _tokens(heads, n)
     if isinstance(skip, str):
         try:
             skip = [int(t) for t in skip.replace(" ", ",").split(",") if t]
@@ -118,10 +136,8 @@ def parse_choice(spec: S.Spec, mix: str | None = None, *, mlp: str | None = None
         drop.add(i)
     if len(drop) == n:
         raise MptcError("cannot drop every layer")
-    mlp_f = tuple(_level(t, ly.mlp.nested, i, "MLP") if t != "xl" or ly.mlp.nested else 1.0
-                  for i, (t, ly) in enumerate(zip(mlp_tokens, spec.layers, strict=True)))
-    head_f = tuple(_level(t, ly.attention.nested, i, "attention") if t != "xl" or ly.attention.nested else 1.0
-                   for i, (t, ly) in enumerate(zip(head_tokens, spec.layers, strict=True)))
+    mlp_f = _per_layer(mix if mix is not None else mlp, [ly.mlp.nested for ly in spec.layers], "MLP")
+    head_f = _per_layer(heads, [ly.attention.nested for ly in spec.layers], "attention")
     return Choice(mlp_f, head_f, frozenset(drop))
 
 

@@ -48,9 +48,14 @@ def _input(i: str | S.Patches | tuple) -> str:
     return i
 
 
+def _str(x: str) -> str:
+    """A string literal: quoted, with backslash, quote, line feed and tab escaped as the parser reads them."""
+    return '"' + x.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+
+
 def _task(t: S.Task) -> str:
-    args = ([f'mix = "{t.mix}"'] if t.mix else []) + ([f"heads = {t.heads}"] if t.heads else []) + \
-        ([f"skip = {_lit(t.skip)}"] if t.skip else [])
+    args = ([f"mix = {_str(t.mix)}"] if t.mix is not None else []) + \
+        ([f"heads = {_str(t.heads)}"] if t.heads is not None else []) + ([f"skip = {_lit(t.skip)}"] if t.skip else [])
     return f"subnet({', '.join(args)})"
 
 

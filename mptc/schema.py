@@ -6,7 +6,10 @@ names with a `did you mean` hint. Every error points at the offending value.
 
 from __future__ import annotations
 
+import keyword
+import math
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any
 
 from . import spec as S
@@ -26,13 +29,15 @@ def not_a(v: V, what: str, expected: str) -> SpecError:
     return SpecError(f"{what} must be {expected}, got {got}", v.span, hint)
 
 
-def as_int(v: V, what: str, lo: int = 1) -> int:
+def as_int(v: V, what: str, lo: int = 1, hi: int = S.MAX_INT) -> int:
     if isinstance(v.value, bool) or not isinstance(v.value, int):
         if isinstance(v.value, float) and v.value.is_integer():
-            return as_int(V(int(v.value), v.span), what, lo)
+            return as_int(V(int(v.value), v.span), what, lo, hi)
         raise not_a(v, what, "a whole number")
     if v.value < lo:
         raise SpecError(f"{what} must be at least {lo}, got {v.value}", v.span)
+    if v.value > hi:
+        raise SpecError(f"{what} must be at most {hi}, got {v.value}", v.span)
     return v.value
 
 
@@ -40,6 +45,8 @@ def as_float(v: V, what: str, lo: float | None = None, hi: float | None = None) 
     if isinstance(v.value, bool) or not isinstance(v.value, (int, float)):
         raise not_a(v, what, "a number")
     x = float(v.value)
+    if not math.isfinite(x):  # evaluate refuses these; a value made in code is checked here too
+        raise SpecError(f"{what} is not a finite number (it is {x})", v.span)
     if (lo is not None and x < lo) or (hi is not None and x >= hi):
         rng = f"in [{lo}, {hi})" if hi is not None else f"at least {lo}"
         raise SpecError(f"{what} must be {rng}, got {v.value}", v.span)
@@ -281,7 +288,7 @@ def to_spec(file: ast.File) -> S.Spec:
     m = file.model
     name = m.arg.name  # type: ignore[union-attr]
     f = Fields(m, env, f"model '{name}'", MODEL_FIELDS, MODEL_BLOCKS)
-    spans: dict[str, Any] = {}
+    spans: dict[str, Any] = {"model": V(Sym(name), m.span)}
     for k in MODEL_FIELDS:
         if f.get(k) is not None:
             spans[k] = f.get(k)
@@ -340,10 +347,26 @@ def _types(b: ast.Block, env: dict) -> tuple[S.TokenType, ...]:
         if e.name in seen:
             raise SpecError(f"token type '{e.name}' is declared twice", e.span)
         seen.add(e.name)
+        _parameter_name(e.name, e.span)
         out.append(S.TokenType(e.name, as_int(evaluate(e.value, env), f"the size of token type '{e.name}'")))
     if not out:
         raise SpecError("types needs at least one `name = size`", b.span)
     return tuple(out)
+
+
+@lru_cache(maxsize=1)
+def _module_attributes() -> frozenset[str]:
+    from torch import nn
+
+    return frozenset(dir(nn.Module()))
+
+
+def _parameter_name(name: str, span: Span) -> None:
+    """A token type's name becomes part of a parameter's name (`embed.types.NAME.weight`), so it must be
+    usable as a module attribute: not a Python keyword, nor a name a torch module already has."""
+    if keyword.iskeyword(name) or name in _module_attributes():
+        raise SpecError(f"'{name}' cannot name a token type: it is reserved in the parameter names", span,
+                        f"choose another name, such as '{name}_tokens'")
 
 
 def as_film(v: V, what: str) -> S.Film | None:
@@ -468,8 +491,12 @@ def _no_arg(b: ast.Block) -> None:
 def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> list[S.Layer]:
     if b.arg is None:
         raise SpecError("`layers` needs a count", b.span, "write `layers 12 { … }`")
-    n = as_int(evaluate(b.arg, env), "the number of layers")
-    spans["layers"] = evaluate(b.arg, env)
+    count = evaluate(b.arg, env)
+    n = as_int(count, "the number of layers")
+    if n > S.MAX_LAYERS:  # before any per-layer value is expanded
+        raise SpecError(f"a model has at most {S.MAX_LAYERS} layers, got {n}", count.span,
+                        "a per-layer list has exactly one value per layer")
+    spans["layers"] = count
     lf = Fields(b, env, "layers", LAYER_FIELDS, ("attention", "mlp"))
     pl = PerLayer(lf, n, "layers", spans)
     norm = pl.take("norm", as_norm, S.Norm("layernorm"))
@@ -513,11 +540,10 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
                 "set `head_dim` explicitly, or use a number of heads that divides the width",
             )
         if heads[i] % kv[i]:
-            divisors = ", ".join(str(d) for d in range(1, heads[i] + 1) if heads[i] % d == 0)
             raise SpecError(
                 f"kv_heads = {kv[i]} does not divide heads = {heads[i]}",
                 layer_span(spans, "layers.attention.kv_heads", i, ab.span),
-                f"each kv head serves a whole group of query heads; use one of {divisors}",
+                f"each kv head serves a whole group of query heads; use {_divisors(heads[i])}",
             )
 
     mb = lf.blocks.get("mlp")
@@ -548,6 +574,14 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
         )
         for i in range(n)
     ]
+
+
+def _divisors(n: int) -> str:
+    """`one of 1, 2, 4` for a small n (found up to √n, so this stays fast); `a divisor of n` beyond 10^8."""
+    if n > 10**8:
+        return f"a divisor of {n}"
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return "one of " + ", ".join(str(d) for d in sorted({*small, *(n // d for d in small)}))
 
 
 def _head(b: ast.Block, env: dict, spans: dict) -> S.Head:

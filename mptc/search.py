@@ -302,13 +302,13 @@ def plot(result: SearchResult, path: str | Path, extra: dict[str, list[tuple[int
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
+    with atomic_file(path, kind="png") as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(path)
 
 
 def write_json(result: SearchResult, path: str | Path) -> Path:
-    with atomic_file(path) as tmp:
+    with atomic_file(path, kind="search") as tmp:
         tmp.write_text(json.dumps(result.to_json(), indent=1) + "\n")
     return Path(path)

@@ -1,7 +1,7 @@
 """The typed architecture spec: what a `.mpt` file means, with every per-layer value expanded.
 
 A Spec compares by value (spans are kept aside for errors), so `parse(print(spec)) == spec`.
-Dimension symbols (DESIGN.md): D = width, V = vocab, L = len(layers), and per layer
+Dimension symbols (docs/architecture.md): D = width, V = vocab, L = len(layers), and per layer
 H = heads, G = kv_heads, K = head_dim (query/key), Dv = value_dim, F = mlp hidden.
 """
 
@@ -18,6 +18,12 @@ MASKS = ("causal", "bidirectional")
 PLACEMENTS = ("pre", "post")
 HEADS = ("lm", "classify", "none")
 POOLS = ("first", "mean")
+
+# Limits of what a spec may say, checked where the value is read, before anything is expanded.
+MAX_LAYERS = 1024  # `layers N`; a list holds at most this many values (a per-layer list has one per layer)
+MAX_INT = 2**63 - 1  # whole numbers and integer arithmetic stay within int64
+MAX_ELEMENTS = 2**60  # elements of one parameter tensor (its bytes must fit in int64 at 8 bytes each)
+MAX_DEPTH = 100  # nesting of blocks, lists, calls and operators
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from torch import fx
 
 from . import spec as S
-from .model import build, param_info, spec_of
+from .lower import lower
+from .model import param_info, spec_of
 
 MATMUL_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate", "mlp.down", "head.out", "head.transform",
                 "head.pooler", "embed.patch")
@@ -47,13 +48,17 @@ class Summary:
 
 
 def summarize(src: S.Spec | fx.GraphModule) -> Summary:
-    model = build(src, device="meta") if isinstance(src, S.Spec) else src
-    spec = spec_of(model)
+    """The summary of a spec (lowered on the meta device: shapes only, nothing allocated) or of a built model."""
+    if isinstance(src, S.Spec):  # the parameter tree alone: no GraphModule code is generated
+        spec, low = src, lower(src, "meta")
+        root, params = low.root, low.params
+    else:
+        spec, root, params = spec_of(src), src, param_info(src)
     embed, head = Part("embed"), Part("head")
     layers = [Part(f"layer {i}") for i in range(spec.n_layers)]
     seen = set()
-    for name, info in param_info(model).items():
-        shape = list(model.get_parameter(name).shape)
+    for name, info in params.items():
+        shape = list(root.get_parameter(name).shape)
         part = embed if name.startswith("embed.") else head if info.layer is None else layers[info.layer]
         part.tensors[name] = shape
         if name not in seen:

@@ -13,9 +13,11 @@ from functools import lru_cache
 from importlib import resources
 
 import lark
-from lark import Lark, Token, Transformer, Tree, v_args
+from lark import Lark, Token, Tree, v_args
+from lark.visitors import Transformer_NonRecursive
 
 from .errors import Source, Span, SpecError
+from .spec import MAX_DEPTH, MAX_INT
 
 # --- syntax tree -------------------------------------------------------------------
 
@@ -165,6 +167,11 @@ def _span(src: Source, obj) -> Span:
     return Span(obj.line, obj.column, obj.end_line, obj.end_column, src)
 
 
+def _node_span(src: Source, node: Tree) -> Span:
+    """The span of a tree node; the end of the text for a node without position (all its tokens filtered)."""
+    return _eof_span(src) if node.meta.empty else _span(src, node.meta)
+
+
 def _describe(tok: Token) -> str:
     if tok.type == "$END":
         return "end of file"
@@ -185,7 +192,7 @@ _BRACES = re.compile(r'"([^"\\\n]|\\.)*"|#[^\n]*|[{}]')
 
 def _unclosed_hint(text: str) -> str:
     """Which '{' is never closed: one whose '}' is indented less than its line, else the innermost open one."""
-    lines = text.splitlines()
+    lines = text.split("\n")  # as the parser counts lines
     indent = [len(ln) - len(ln.lstrip()) for ln in lines]
     open_: list[int] = []  # line numbers of the open braces
     for m in _BRACES.finditer(text):
@@ -221,7 +228,9 @@ def _bounds(item) -> tuple[int, int, int, int]:
 
 
 def _eof_span(src: Source) -> Span:
-    lines = src.text.splitlines() or [""]
+    lines = src.text.split("\n")
+    if len(lines) > 1 and lines[-1] == "":  # a final line break ends the last line
+        lines.pop()
     return Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2, src)
 
 
@@ -229,7 +238,7 @@ def _bad_characters(src: Source, e: lark.UnexpectedCharacters) -> SpecError:
     text, pos = src.text, e.pos_in_stream
     ch = text[pos] if pos < len(text) else ""
     span = Span(e.line, e.column, e.line, e.column + 1, src)
-    if ch.isdigit() or (ch == "." and text[pos + 1 : pos + 2].isdigit()):
+    if re.match(r"[0-9]|\.[0-9]", text[pos : pos + 2]):  # ASCII digits only: '¹'.isdigit() is true
         word = re.match(r"[.0-9][A-Za-z0-9_.]*", text[pos:]).group()  # type: ignore[union-attr]
         span = Span(e.line, e.column, e.line, e.column + len(word), src)
         return SpecError(f"malformed number '{word}'", span, "numbers look like 12, 1_000, 0.5 or 1e-6")
@@ -278,6 +287,11 @@ def _cut_entry(src: Source, stack: list, tok: Token, expected: set[str]) -> Spec
     if want == "'{'" and first.type == "NAME":
         hint = f"for a field, write `{first} = {src.text[_bounds(head[1])[0] : end]}`"
     return SpecError(f"expected {want} after `{header}`", span, hint)
+
+
+def _clip(text: str, keep: int = 24) -> str:
+    """A long literal shortened for a message: `99999999…9999 (5000 characters)`."""
+    return text if len(text) <= keep else f"{text[:8]}…{text[-4:]} ({len(text)} characters)"
 
 
 def _line(item) -> int:
@@ -329,19 +343,39 @@ def _parse(text: str, name: str, start: str):
         raise _bad_token(src, e) from None
     except lark.UnexpectedEOF as e:
         raise SpecError(f"unexpected end of file; expected {_expected(e.expected)}", _eof_span(src)) from None
+    except lark.LarkError as e:  # any other complaint of the parser: at the end of the text
+        raise SpecError(f"cannot parse this text: {e}", _eof_span(src)) from None
     finally:
         _comment_sink.pop()
     comments = [Comment(t.line, t.column, str(t).rstrip()) for t in toks]
+    _check_depth(src, tree)
     try:
         return _ToAst(src, comments).transform(tree)
-    except lark.exceptions.VisitError as e:  # a SpecError raised while building the tree
+    except lark.exceptions.VisitError as e:  # an error raised while building the tree, at the node it came from
         if isinstance(e.orig_exc, SpecError):
             raise e.orig_exc from None
-        raise
+        span = _node_span(src, e.obj) if isinstance(e.obj, Tree) else _span(src, e.obj)
+        raise SpecError(f"cannot read this: {e.orig_exc}", span) from None
+
+
+NESTING = frozenset({"model", "block", "list", "call", "neg", "add", "sub", "mul", "div", "floordiv", "mod"})
+
+
+def _check_depth(src: Source, tree: Tree) -> None:
+    """Refuse nesting deeper than MAX_DEPTH (blocks, lists, calls, operators) before anything recurses over it."""
+    stack: list[tuple[Tree, int]] = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if node.data in NESTING:
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise SpecError(f"nesting is deeper than {MAX_DEPTH} levels (of blocks, lists, calls and operators)",
+                                _node_span(src, node), "name the inner parts with `let` constants, or flatten them")
+        stack.extend((c, depth) for c in node.children if isinstance(c, Tree))
 
 
 @v_args(meta=True)
-class _ToAst(Transformer):
+class _ToAst(Transformer_NonRecursive):
     def __init__(self, src: Source, comments: list[Comment]):
         super().__init__()
         self.src = src
@@ -417,13 +451,18 @@ class _ToAst(Transformer):
 
     def int(self, meta, items):
         t = items[0]
-        return Num(_span(self.src, t), int(str(t).replace("_", "")), str(t))
+        digits = str(t).replace("_", "").lstrip("0") or "0"
+        if len(digits) > len(str(MAX_INT)) or int(digits) > MAX_INT:  # length first: int() of 5000 digits fails
+            raise SpecError(f"number '{_clip(str(t))}' is too large", _span(self.src, t),
+                            f"whole numbers go up to {MAX_INT} (2^63 - 1)")
+        return Num(_span(self.src, t), int(digits), str(t))
 
     def float(self, meta, items):
         t = items[0]
         value = float(str(t).replace("_", ""))
         if value == float("inf"):
-            raise SpecError(f"number '{t}' is too large", _span(self.src, t))
+            raise SpecError(f"number '{_clip(str(t))}' is too large", _span(self.src, t),
+                            "numbers go up to about 1.8e308")
         return Num(_span(self.src, t), value, str(t))
 
     def true(self, meta, items):

@@ -1,4 +1,4 @@
-"""A small, real trainer for byte-level language models, MatFormer-aware.
+"""A small, real trainer for language models (byte-level or a tokenizer.json), MatFormer-aware, with growth.
 
     import mptc
     from mptc.data import read_bytes, stdlib_files
@@ -22,9 +22,13 @@ gradients (as the public MatFormer-OLMo code does); `nested="sample"` draws one 
 step. The granularities are the uniform ones (every nested layer at its level j, levels aligned
 at the top, so `xl` is the whole model); skippable layers are not dropped in training.
 
-A checkpoint is a model dir (model.mpt, weights.safetensors) plus `trainer.pt` (optimizer
-state, step, RNG states, config, log) and `log.json`; resuming from it gives the same losses
-as an uninterrupted run.
+Growth during training: `TrainConfig(growth=["200: grow_width(width = 128); grow_mlp(factor = 2)"])`
+runs the verified growth passes (`mptc.passes`) on the live model after step 200, grows the AdamW
+state with it and trains on; the schedule is checked before the first step.
+
+A checkpoint is a model dir (model.mpt, weights.safetensors; tokenizer.json when trained with one)
+plus `trainer.pt` (optimizer state, step, RNG states, config, log) and `log.json`; resuming from it
+gives the same losses as an uninterrupted run, across growth too.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ import contextlib
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -42,15 +47,16 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, fx
 
 from . import spec as S
-from .atomic import atomic_dir
-from .data import BYTE_VOCAB, even_windows, split_tokens, windows
-from .errors import MptcError
-from .model import load_model, save, spec_of
+from .atomic import atomic_dir, check_output
+from .data import BYTE_VOCAB, TOKENIZER_FILE, even_windows, split_tokens, tokenizer_from_text, tokenizer_vocab, windows
+from .errors import MptcError, Source, SpecError
+from .model import build, load_model, save, spec_of
 from .nested import Choice, granularity, level_names
 
 TRAINER_FILE = "trainer.pt"
 LOG_FILE = "log.json"
 WHOLE = "full"  # the one granularity of a model without nesting
+
 
 
 @dataclass
@@ -74,6 +80,8 @@ class TrainConfig:
     nested: str = "sum"  # MatFormer: "sum" over granularities each step, or "sample" one per step
     save_every: int = 0  # checkpoint every N steps (0: at every evaluation); the last step is always saved
     stop_at: int | None = None  # stop after this step (the schedule still spans `steps`), to resume later
+    growth: list[str] = field(default_factory=list)  # "STEP: PASS(…); PASS(…)": grow after STEP steps
+    regrow_warmup: int = 0  # after each growth, the LR ramps linearly from ~0 back to the schedule over N steps
 
     def check(self) -> None:
         for name in ("steps", "batch", "eval_every", "eval_batches"):
@@ -87,6 +95,10 @@ class TrainConfig:
             raise MptcError(f"--nested must be sum or sample, got {self.nested!r}")
         if self.stop_at is not None and self.stop_at < 1:
             raise MptcError(f"--stop-at must be at least 1, got {self.stop_at}")
+        if self.regrow_warmup < 0:
+            raise MptcError(f"--regrow-warmup must not be negative, got {self.regrow_warmup}")
+        if not isinstance(self.growth, (list, tuple)) or not all(isinstance(g, str) for g in self.growth):
+            raise MptcError('growth must be a list of "STEP: PASS(…)" strings, e.g. ["200: grow_mlp(factor = 2)"]')
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -148,24 +160,124 @@ def eval_batches(val: Tensor, n: int, batch: int, seq: int) -> list[Tensor]:
     return list(even_windows(val, n * batch, seq + 1).split(batch))
 
 
-def check_model(spec: S.Spec) -> None:
-    """Refuse models the byte-level trainer cannot train."""
+# --- growth schedules ------------------------------------------------------------------------
+
+
+@dataclass
+class GrowthEvent:
+    """One growth: after `step` optimizer steps the passes run, in order, on the live model."""
+
+    step: int
+    passes: list  # mptc.passes.Pass objects
+    text: str  # as written: "200: grow_width(width = 128); grow_mlp(factor = 2)"
+    label: str  # where it came from, for messages: "--grow 1"
+
+
+def parse_growth(texts: list[str]) -> list[GrowthEvent]:
+    """The schedule of "STEP: PASS(…); PASS(…)" texts, in step order (entries at one step in the order
+    given). Pass text errors are located in the text, named `--grow N` (its place in the list)."""
+    events = [_parse_event(t, f"--grow {i}") for i, t in enumerate(texts, 1)]
+    return sorted(events, key=lambda e: e.step)
+
+
+def _parse_event(text: str, label: str) -> GrowthEvent:
+    from .passes import GROWTH, PassError
+    from .passes.parse import parse_passes
+
+    head, colon, body = text.partition(":")
+    if not colon or not head.strip().isdigit():
+        raise MptcError(f'{label}: expected "STEP: PASS(…); PASS(…)", got {text!r}',
+                        hint='e.g. --grow "200: grow_width(width = 128); grow_mlp(factor = 2)" (STEP a whole number '
+                        '≥ 0: the passes run after that many steps)')
+    src = " " * (len(head) + 1) + _semicolons_as_commas(body)  # same columns as `text`, so errors point into it
+    try:
+        passes = parse_passes(src, label, registry={p.name: p for p in GROWTH})
+    except SpecError as e:
+        if e.span is not None and e.span.source is not None:
+            e.span = replace(e.span, source=Source(label, text))  # quote the text as written
+        raise
+    except PassError as e:
+        raise MptcError(f"{label}: {e.message}", hint=e.hint) from None
+    if not passes:
+        raise MptcError(f"{label}: no passes after '{head.strip()}:'", hint='e.g. "200: grow_mlp(factor = 2)"')
+    return GrowthEvent(int(head), passes, text, label)
+
+
+def _semicolons_as_commas(text: str) -> str:
+    """`;` between calls (outside brackets and strings) as `,`, which the pass parser separates calls by."""
+    out, depth, quote = [], 0, False
+    for ch in text:
+        if ch == '"':
+            quote = not quote
+        elif not quote and ch in "([":
+            depth += 1
+        elif not quote and ch in ")]":
+            depth -= 1
+        out.append("," if ch == ";" and depth == 0 and not quote else ch)
+    return "".join(out)
+
+
+def check_growth(events: list[GrowthEvent], spec: S.Spec, steps: int, at: int = 0) -> None:
+    """Refuse, before training, a schedule that cannot run: a step outside 0 … steps - 1 (or before `at`,
+    the step a resumed run starts from), or a pass that the model, as grown by the entries before it,
+    refuses. Runs every pass's `requires` (and its size check) on a meta-device model: nothing is allocated."""
+    from .passes import PassError
+
+    for e in events:
+        if e.step >= steps:
+            raise MptcError(f"{e.label}: step {e.step} is not before the last step (--steps {steps}): nothing would "
+                            "train the grown model", hint=f"grow at a step from 0 to {steps - 1}, or raise --steps")
+        if e.step < at:
+            raise MptcError(f"{e.label}: step {e.step} is already past: the checkpoint is at step {at}",
+                            hint="leave the entries that already ran as they were, or grow at a later step")
+    model = build(spec, device="meta")
+    for e in events:
+        for p in e.passes:
+            try:
+                p.requires(model)
+                p.fits(model)
+                model = build(p.change(model).spec, device="meta")
+            except PassError as err:
+                raise MptcError(f"{e.label} (step {e.step}): {err.message}", hint=err.hint) from None
+            except (NotImplementedError, RuntimeError):  # a pass that needs real tensors: checked when it runs
+                return
+
+
+def check_model(spec: S.Spec, vocab: int = BYTE_VOCAB, tokenizer: str | None = None) -> None:
+    """Refuse models the trainer cannot train on data of `vocab` ids (bytes, or `tokenizer`'s tokens)."""
+    data = "byte-level text" if tokenizer is None else "tokenized text"
     if spec.patches is not None or spec.head.kind != "lm":
         raise MptcError(f"model '{spec.name}' is not a language model: mptc train trains `head lm` models on "
-                        "byte-level text", hint="image models (e.g. examples/matvit.mpt) need an image trainer")
+                        f"{data}", hint="image models (e.g. examples/matvit.mpt) need an image trainer")
     if getattr(spec, "conditions", None):
-        raise MptcError(f"model '{spec.name}' needs a side input (`conditions`), which byte-level text does not give")
-    if spec.vocab is None or spec.vocab < BYTE_VOCAB:
-        raise MptcError(f"byte-level data needs vocab ≥ {BYTE_VOCAB}, model '{spec.name}' has {spec.vocab}")
+        raise MptcError(f"model '{spec.name}' needs a side input (`conditions`), which {data} does not give")
+    if tokenizer is not None and (spec.vocab is None or spec.vocab < vocab):
+        raise MptcError(f"the tokenizer {tokenizer} has {vocab} tokens, more than model '{spec.name}''s vocab of "
+                        f"{spec.vocab}", hint=f"set vocab = {vocab} (or more) in the spec")
+    if spec.vocab is None or spec.vocab < vocab:
+        raise MptcError(f"byte-level data needs vocab ≥ {BYTE_VOCAB}, model '{spec.name}' has {spec.vocab}",
+                        hint="or train with a tokenizer of at most that many tokens (--tokenizer tokenizer.json)")
 
 
 class Trainer:
     """One training run: model, data split, optimizer, schedule and RNG state; `run()` trains."""
 
-    def __init__(self, model: fx.GraphModule, tokens: Tensor, config: TrainConfig):
+    def __init__(self, model: fx.GraphModule, tokens: Tensor, config: TrainConfig,
+                 tokenizer: str | Path | None = None, *, step: int = 0, log: dict | None = None):
+        """tokenizer: the tokenizer.json `tokens` were made with (None: bytes), kept in checkpoints.
+        step, log: where a resumed run stands (growth already done is not done again)."""
         config.check()
+        schedule = parse_growth(list(config.growth))
         spec = spec_of(model)
-        check_model(spec)
+        self.tokenizer_json, vocab = None, BYTE_VOCAB
+        if tokenizer is not None:
+            try:
+                self.tokenizer_json = Path(tokenizer).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise MptcError(f"cannot read the tokenizer {tokenizer}: {getattr(e, 'strerror', None) or e}") from None
+            vocab = tokenizer_vocab(tokenizer_from_text(self.tokenizer_json, str(tokenizer)))
+        check_model(spec, vocab, None if tokenizer is None else str(tokenizer))
+        _check_ids(tokens, spec)
         self.model, self.config, self.spec = model, config, spec
         self.seq = config.seq or spec.seq_len or 128
         if spec.seq_len is not None and self.seq > spec.seq_len:
@@ -177,16 +289,25 @@ class Trainer:
         self.eval_x = eval_batches(self.val_tokens, config.eval_batches, config.batch, self.seq)
         self.grans = granularities(spec)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in self.params if p.ndim >= 2]
-        rest = [p for p in self.params if p.ndim < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                      {"params": rest, "weight_decay": 0.0}],
-                                     lr=config.lr, betas=(config.beta1, config.beta2))
+        self.opt = self._optimizer(self.params)
         self.gen = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(config.seed)  # dropout
-        self.step = 0
-        self.log: dict = {"config": asdict(config), "model": spec.name, "granularities": list(self.grans),
-                          "data_tokens": int(tokens.numel()), "train": [], "eval": []}
+        self.step = step
+        self.log: dict = log if log is not None else {
+            "config": asdict(config), "model": spec.name, "granularities": list(self.grans),
+            "data_tokens": int(tokens.numel()), "train": [], "eval": []}
+        self.log.setdefault("growth", [])
+        if tokenizer is not None and "tokenizer" not in self.log:  # a resumed run keeps where it came from
+            self.log["tokenizer"] = {"file": TOKENIZER_FILE, "vocab": vocab, "from": str(tokenizer)}
+        self.pending = _not_done(schedule, self.log["growth"])  # growth still to come, in step order
+        check_growth(self.pending, spec, config.steps, self.step)
+
+    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+        """AdamW over `params`: weight decay on matrices, none on norms and biases."""
+        c = self.config
+        return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": c.weight_decay},
+                                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                                 lr=c.lr, betas=(c.beta1, c.beta2))
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -205,26 +326,27 @@ class Trainer:
         if bad:
             raise MptcError(f"unknown training options: {', '.join(sorted(bad))}")
         config = TrainConfig(**{**{k: v for k, v in state["config"].items() if k in known}, **overrides})
-        t = cls(load_model(path), tokens, config)
+        tokenizer = path / TOKENIZER_FILE if (path / TOKENIZER_FILE).is_file() else None
+        t = cls(load_model(path), tokens, config, tokenizer, step=state["step"], log=state["log"])
         t.opt.load_state_dict(state["optimizer"])
         t.gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        t.step = state["step"]
-        t.log = state["log"]
         t.log["config"] = asdict(config)
         return t
 
     def save(self, out: str | Path) -> Path:
         """Write the checkpoint dir `out` atomically (model dir + trainer.pt + log.json)."""
         state = {"step": self.step, "config": asdict(self.config), "optimizer": self.opt.state_dict(),
-                 "schedule": {"kind": "warmup+cosine", "next_lr": self.config.lr * lr_factor(self.step, self.config)},
+                 "schedule": {"kind": "warmup+cosine", "next_lr": self.lr_at(self.step)},
                  "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "log": self.log}
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, kind="model") as tmp:  # a checkpoint replaces only a model dir or checkpoint
             save(self.model, tmp / "model")
             for f in (tmp / "model").iterdir():
                 f.rename(tmp / f.name)
             (tmp / "model").rmdir()
             torch.save(state, tmp / TRAINER_FILE)
+            if self.tokenizer_json is not None:
+                (tmp / TOKENIZER_FILE).write_text(self.tokenizer_json, encoding="utf-8")
             (tmp / LOG_FILE).write_text(json.dumps(self.log, indent=1) + "\n")
         return Path(out)
 
@@ -237,7 +359,7 @@ class Trainer:
         if c.nested == "sample" and len(names) > 1:
             names = [names[int(torch.randint(len(names), (1,), generator=self.gen))]]
         x = windows(self.train_tokens, c.batch, self.seq + 1, self.gen).long()  # (B, T + 1)
-        lr = c.lr * lr_factor(self.step, c)
+        lr = self.lr_at(self.step)
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
@@ -253,6 +375,49 @@ class Trainer:
         return {"step": self.step, "loss": sum(losses.values()), "losses": losses, "lr": lr,
                 "grad_norm": float(norm), "tokens": self.step * c.batch * self.seq}
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step `step` (0-based): warmup + cosine, times the re-warmup ramp
+        (k + 1) / regrow_warmup for the k-th step after the latest growth."""
+        c = self.config
+        lr = c.lr * lr_factor(step, c)
+        grown = [g["step"] for g in self.log["growth"] if g["step"] <= step]
+        if c.regrow_warmup and grown and step - max(grown) < c.regrow_warmup:
+            lr *= (step - max(grown) + 1) / c.regrow_warmup
+        return lr
+
+    # --- growth --------------------------------------------------------------------------
+
+    def grow(self, event: GrowthEvent) -> dict:
+        """Run `event`'s passes on the live model (verified), grow the optimizer state with it, and
+        log params and the loss of one fixed held-out batch (eval mode) just before and after."""
+        from .passes import Pipeline
+
+        probe = self.eval_x[:1]  # [(B, T + 1)]
+        before, n_before = evaluate(self.model, probe), _count(self.model)
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):  # the dropout stream does not see the growth
+            model, report = Pipeline(event.passes)(self.model, optimizer=self.opt)
+        self._adopt(model, report.optimizer)
+        entry = {"step": self.step, "text": event.text, "passes": [r.call for r in report.passes],
+                 "params_before": n_before, "params_after": _count(model), "loss_before": before,
+                 "loss_after": evaluate(model, probe), "seconds": round(time.perf_counter() - t0, 3)}
+        self.log["growth"].append(entry)
+        return entry
+
+    def _adopt(self, model: fx.GraphModule, grown: torch.optim.Optimizer) -> None:
+        """Train `model` from now on, with `grown`'s state in a fresh AdamW over its parameters in the
+        order a model loaded from a checkpoint has (so resuming maps the state back the same way)."""
+        spec = spec_of(model)
+        order = {n: i for i, (n, _) in enumerate(build(spec, device="meta").named_parameters())}
+        named = sorted(model.named_parameters(), key=lambda kv: order.get(kv[0], len(order)))
+        self.model, self.spec, self.grans = model, spec, granularities(spec)
+        self.params = [p for _, p in named if p.requires_grad]
+        self.opt = self._optimizer(self.params)
+        for p in self.params:
+            if p in grown.state:
+                self.opt.state[p] = grown.state[p]
+        self.model.train()
+
     def evaluate(self) -> dict:
         """Held-out loss of every granularity at the current step; appended to the log."""
         losses = {n: evaluate(self.model, self.eval_x, ch) for n, ch in self.grans.items()}
@@ -267,11 +432,15 @@ class Trainer:
         save_every = c.save_every or c.eval_every
         self.model.train()
         saved = None
+        if out is not None:  # refused before training, not at the first checkpoint
+            check_output(out, "model", is_dir=True)
         if self.step == 0 and not self.log["eval"]:
             self._report(self.evaluate(), console)
         with _progress(progress, console, f"train {self.spec.name}", last, self.step) as bar:
             t0, seen = time.perf_counter(), 0
             while self.step < last:
+                while self.pending and self.pending[0].step == self.step:
+                    self._report_growth(self.grow(self.pending.pop(0)), console)
                 entry = self.train_step()
                 entry["seconds"] = round(time.perf_counter() - t0, 3)
                 self.log["train"].append(entry)
@@ -285,6 +454,14 @@ class Trainer:
         if out is not None and saved is None:  # nothing left to train: still write `out`
             self.save(out)
         return self.log
+
+    def _report_growth(self, g: dict, console) -> None:
+        if console is not None:
+            from .summary import human
+
+            console.print(f"step {g['step']:>6}  grew: {'; '.join(g['passes'])}  {human(g['params_before'])} → "
+                          f"{human(g['params_after'])} parameters; fixed-batch loss {g['loss_before']:.6f} → "
+                          f"{g['loss_after']:.6f}")
 
     def _report(self, entry: dict, console) -> None:
         if console is not None:
@@ -315,10 +492,37 @@ def _progress(show: bool, console, title: str, total: int, done: int) -> Iterato
 
 
 def train(model: fx.GraphModule, tokens: Tensor, config: TrainConfig | None = None, out: str | Path | None = None,
-          progress: bool = False) -> tuple[fx.GraphModule, dict]:
-    """Train `model` in place on byte ids `tokens` (N,); returns (model, log). With `out`, checkpoints there.
+          progress: bool = False, tokenizer: str | Path | None = None) -> tuple[fx.GraphModule, dict]:
+    """Train `model` on token ids `tokens` (N,) (bytes, or `tokenizer`'s ids); returns (the trained model, log).
+    The model is trained in place, unless `config.growth` grows it: then the grown model is returned.
+    With `out`, checkpoints there.
 
     log = {"config", "granularities", "train": [{"step", "loss", "losses": {name: loss}, "lr", …}],
-           "eval": [{"step", "losses": {name: held-out loss}}]}"""
-    trainer = Trainer(model, tokens, config or TrainConfig())
-    return model, trainer.run(out, progress=progress)
+           "eval": [{"step", "losses": {name: held-out loss}}],
+           "growth": [{"step", "passes", "params_before", "params_after", "loss_before", "loss_after", …}]}"""
+    trainer = Trainer(model, tokens, config or TrainConfig(), tokenizer)
+    log = trainer.run(out, progress=progress)
+    return trainer.model, log
+
+
+def _count(model: fx.GraphModule) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_ids(tokens: Tensor, spec: S.Spec) -> None:
+    """Refuse token ids the model's vocabulary does not hold (they would fail deep inside the embedding)."""
+    if tokens.numel() and (int(tokens.max()) >= (spec.vocab or 0) or int(tokens.min()) < 0):
+        raise MptcError(f"the data holds token ids {int(tokens.min())} … {int(tokens.max())}, outside model "
+                        f"'{spec.name}''s vocab of {spec.vocab}")
+
+
+def _not_done(schedule: list[GrowthEvent], done: list[dict]) -> list[GrowthEvent]:
+    """The entries of `schedule` that the log's growth entries (a resumed run's) do not account for."""
+    left = Counter((g["step"], g["text"]) for g in done)
+    out = []
+    for e in schedule:
+        if left[(e.step, e.text)] > 0:
+            left[(e.step, e.text)] -= 1
+        else:
+            out.append(e)
+    return out

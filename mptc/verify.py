@@ -42,18 +42,37 @@ def _runner(path: str, seed: int):
     return load(path), run
 
 
+OPTIONAL = ("attention_mask", "token_type_ids")  # left out, a model reads all tokens as real, all segment 0
+
+
+def _shared_inputs(a: str, spec_a, b: str, spec_b) -> set[str]:
+    """The inputs the probes hold: both models must read the same required inputs; an optional one
+    that only one of them reads is left out."""
+    specs = [s for s in (spec_a, spec_b) if s is not None]
+    if len(specs) < 2:
+        return set(specs[0].inputs) if specs else set()
+    ia, ib = set(spec_a.inputs), set(spec_b.inputs)
+    if (ia ^ ib) - set(OPTIONAL):
+        raise MptcError(f"the models read different inputs: {a} reads {', '.join(spec_a.inputs)}; "
+                        f"{b} reads {', '.join(spec_b.inputs)}",
+                        hint="verify compares two versions of one model (say, before and after `mptc grow`)")
+    return ia & ib
+
+
 def compare(a: str, b: str, seed: int = 0, batches: int = 3) -> Comparison:
     spec_a, run_a = _runner(a, seed)
     spec_b, run_b = _runner(b, seed)
     spec = spec_a or spec_b
     if spec is None:
         raise MptcError("both are ONNX files; give a model dir or spec as A or B (it defines the probe inputs)")
+    shared = _shared_inputs(a, spec_a, b, spec_b)
     if spec_a is not None and spec_b is not None and spec_b.vocab and spec_a.vocab and spec_b.vocab < spec_a.vocab:
         spec = spec_b  # probes valid for both
     worst_abs = worst_rel = 0.0
     compared = width_b = bad_a = bad_b = 0
     for i in range(batches):
-        x = {k: v.numpy() for k, v in example_inputs(spec, batch=2, seq=16, seed=seed + i, padded=i % 2 == 1).items()}
+        x = {k: v.numpy() for k, v in example_inputs(spec, batch=2, seq=16, seed=seed + i, padded=i % 2 == 1).items()
+             if k in shared}
         ya, yb = run_a(x).astype(np.float64), run_b(x).astype(np.float64)
         width_b = yb.shape[-1]
         if ya.shape[:-1] != yb.shape[:-1]:

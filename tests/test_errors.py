@@ -270,9 +270,61 @@ IMAGES = [
 ]
 
 
+def deep(opener: str, closer: str, depth: int, inner: str = "4") -> str:
+    return opener * depth + inner + closer * depth
+
+
+LIMITS = [  # values that cannot be written back, or whose size or nesting has no bound otherwise
+    case("float-overflow", gpt("head lm { }", "head lm { norm = rmsnorm(eps = 1e308 * 10) }"),
+         "`1e308 * 10` is not a finite number (it is inf)", 9, 34, "numbers go up to about 1.8e308"),
+    case("nan-from-overflow", gpt("head lm { }", "head lm { norm = rmsnorm(eps = 1e308 * 10 - 1e308 * 10) }"),
+         "`1e308 * 10` is not a finite number", 9, 34),
+    case("float-division-overflow", gpt("heads = 4", "heads = 4, dropout = 1e300 / 1e-300"),
+         "`1e300 / 1e-300` is not a finite number (it is inf)", 6, 38),
+    case("float-overflow-in-let", "let big = 1e200\nlet huge = big * big\n" + GPT,
+         "`big * big` is not a finite number", 2, 12),
+    case("huge-integer-literal", gpt("width = 64", "width = " + "9" * 5000),
+         "number '99999999…9999 (5000 characters)' is too large", 4, 11, "whole numbers go up to 9223372036854775807"),
+    case("integer-above-int64", gpt("width = 64", "width = 9223372036854775808"), "is too large", 4, 11),
+    case("integer-overflow", gpt("width = 64", "width = 10000000000 * 10000000000"),
+         "`10000000000 * 10000000000` is too large for a whole number", 4, 11, "2^63 - 1"),
+    case("integer-overflow-by-lets", "let a = 4294967296\nlet b = a * a\n" + gpt("width = 64", "width = b"),
+         "`a * a` is too large for a whole number", 2, 9),
+    case("whole-float-above-int64", gpt("width = 64", "width = 1e300"),
+         "width must be at most 9223372036854775807", 4, 11),
+    case("no-power-operator", gpt("width = 64", "width = 10**10**10"), "unexpected '*'", 4, 14),
+    case("list-repeat-too-long", gpt("heads = 4", "heads = [4] * 1000000000"),
+         "a list holds at most 1024 values, this one would hold 1000000000", 6, 25,
+         "a per-layer list has exactly one value per layer"),
+    case("list-repeat-of-huge-count", gpt("heads = 4", "heads = [4] * 1e300"),
+         "a list holds at most 1024 values", 6, 25),
+    case("list-join-too-long", "let a = [4] * 1000\n" + gpt("heads = 4", "heads = a + a"),
+         "a list holds at most 1024 values, this one would hold 2000", 7, 25),
+    case("too-many-layers", gpt("layers 2", "layers 1000000000"),
+         "a model has at most 1024 layers, got 1000000000", 5, 10, "exactly one value per layer"),
+    case("layers-just-over-the-limit", gpt("layers 2", "layers 1025"), "at most 1024 layers, got 1025", 5, 10),
+    case("deep-lists", gpt("heads = 4", "heads = " + deep("[", "]", 5000)),
+         "nesting is deeper than 100 levels", 6, 122, "`let` constants"),  # model, layers, attention, 97 lists
+    case("let-just-over-the-limit", "let x = " + deep("[", "]", 101) + "\n" + GPT, "nesting is deeper", 1, 109),
+    case("deep-blocks", gpt("  head lm { }", "  head lm { }\n  " + deep("a { ", "} ", 5000, "")),
+         "nesting is deeper than 100 levels", 10, 3 + 4 * 99),
+    case("deep-calls", gpt("heads = 4", "heads = " + deep("f(", ")", 150)), "nesting is deeper than 100", 6, 219),
+    case("deep-negation", gpt("width = 64", "width = " + "-" * 5000 + "64"), "nesting is deeper than 100", 4, 110),
+    case("long-sum", gpt("width = 64", "width = " + "1 + " * 300 + "1"), "nesting is deeper than 100", 4, 11),
+    case("unclosed-deep-list", gpt("heads = 4", "heads = " + "[" * 5000), "unexpected '}'", 6, 5026),
+    case("superscript-digit", gpt("width = 64", "width = \u00b9"), "unexpected character '\u00b9'", 4, 11),
+    case("kv-heads-of-a-huge-head-count", gpt("heads = 4", "heads = 1000000000000, head_dim = 16, kv_heads = 7"),
+         "kv_heads = 7 does not divide heads = 1000000000000", 6, 66, "use a divisor of 1000000000000"),
+    case("keyword-token-type", gpt("vocab = 100", "vocab = 100\n  embed { types { class = 50, text = 50 } }"),
+         "'class' cannot name a token type", 3, 19, "choose another name"),
+    case("module-attribute-token-type", gpt("vocab = 100", "vocab = 100\n  embed { types { text = 50, float = 50 } }"),
+         "'float' cannot name a token type", 3, 30),
+]
+
+
 @pytest.mark.parametrize(
     ("text", "message", "line", "col", "hint"),
-    SYNTAX + NAMES + ARITHMETIC + TYPES + RANGES + SIZES + CHOICES + MISSING + ARGUMENTS + IMAGES,
+    SYNTAX + NAMES + ARITHMETIC + TYPES + RANGES + SIZES + CHOICES + MISSING + ARGUMENTS + IMAGES + LIMITS,
 )
 def test_bad_spec(text: str, message: str, line: int, col: int, hint: str | None):
     with pytest.raises(SpecError) as info:
@@ -294,6 +346,11 @@ def test_bad_spec(text: str, message: str, line: int, col: int, hint: str | None
         pytest.param(gpt("width = 64", "width = 128 / 2"), id="whole-float-width"),
         pytest.param(gpt("hidden = 128", "hidden = 1_28e0"), id="exponent-float"),
         pytest.param(gpt("width = 64", "width =\n    64"), id="value-on-next-line"),
+        pytest.param(gpt("width = 64", "width = " + deep("(", ")", 5000, "64")), id="deep-parentheses"),
+        pytest.param("let x = " + deep("[", "]", 100) + "\n" + GPT, id="lists-at-the-limit"),
+        pytest.param(gpt("layers 2", "layers 1024").replace("heads = 4", "heads = [4] * 1024"), id="most-layers"),
+        pytest.param(gpt("width = 64", "width = 9223372036854775807 // 4611686018427387904 * 32"), id="int64-max"),
+        pytest.param(gpt("head lm { }", "head lm { norm = rmsnorm(eps = 1e308 * 1e-320) }"), id="finite-product"),
     ],
 )
 def test_good_spec(text: str):
