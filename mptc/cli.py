@@ -195,7 +195,7 @@ OUTPUT_KINDS = {"grow": "model", "reorder": "model", "import-hf": "model", "expo
 def _check_outputs(args) -> None:
     """Refuse an output before any work (each write checks again); `compile` checks its own, and
     `train` after reading its checkpoint, before the first step."""
-    from .atomic import check_output
+    from .outputs import check_output
 
     out = getattr(args, "output", None) if args.command in WRITERS else None
     if out and args.command in OUTPUT_KINDS:
@@ -218,7 +218,7 @@ def _choice_args(c: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .atomic import CLI_HINT, output_policy
+    from .outputs import CLI_HINT, output_policy
 
     args = _parser().parse_args(argv)
     try:
@@ -305,9 +305,10 @@ def _short(name: str) -> str:
 
 
 def cmd_compile(args) -> int:
-    from .atomic import atomic_group, check_output
+    from .atomic import atomic_group
     from .export import export_onnx, export_pt2
     from .model import load_model, save
+    from .outputs import check_output
 
     model = load_model(args.spec, seed=args.seed, dtype=args.dtype)
     if args.task is None:

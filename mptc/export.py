@@ -18,9 +18,10 @@ from torch import fx
 from torch.export import Dim
 
 from . import spec as S
-from .atomic import atomic_file, atomic_onnx, check_onnx_output, check_output
+from .atomic import atomic_file, atomic_onnx, check_onnx_output
 from .errors import MptcError
 from .model import spec_of
+from .outputs import check_output
 
 ONNX_OPSET = 23  # Attention, RMSNormalization (ONNX Runtime ≥ 1.23 runs them on CPU); 18 for older runtimes
 

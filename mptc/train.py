@@ -47,11 +47,12 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, fx
 
 from . import spec as S
-from .atomic import atomic_dir, check_output
+from .atomic import atomic_dir
 from .data import BYTE_VOCAB, TOKENIZER_FILE, even_windows, split_tokens, tokenizer_from_text, tokenizer_vocab, windows
 from .errors import MptcError, Source, SpecError
 from .model import build, load_model, save, spec_of
 from .nested import Choice, granularity, level_names
+from .outputs import check_output
 
 TRAINER_FILE = "trainer.pt"
 LOG_FILE = "log.json"

@@ -37,3 +37,14 @@ def tiny_model(tiny_path):
 def tiny(name: str):
     """A tiny example model by short name (gpt2, llama, bert, vit), in eval mode."""
     return mptc.build(mptc.load(Path(__file__).parent / "specs" / f"tiny-{name}.mpt"), seed=0).eval()
+
+
+def perturbed(spec: mptc.Spec, seed: int = 0):
+    """A model whose zero-initialised parts (FiLM outputs, gates, modulation, hypernetwork
+    outputs) are non-trivial: every parameter moved by noise of std 0.1, in eval mode."""
+    model = mptc.build(spec, seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model

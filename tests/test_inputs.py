@@ -14,6 +14,8 @@ import mptc
 from mptc.cli import main
 from mptc.nested import granularity
 
+from .conftest import perturbed
+
 ROOT = Path(__file__).resolve().parent.parent
 GPT2 = str(ROOT / "tests" / "specs" / "tiny-gpt2.mpt")
 VIT = str(ROOT / "tests" / "specs" / "tiny-vit.mpt")
@@ -86,16 +88,6 @@ def _write(tmp_path: Path, name: str, text: str) -> str:
     return str(p)
 
 
-def _perturbed(spec: mptc.Spec, seed: int = 0):
-    """A model whose zero-initialised parts (FiLM, hypernetwork outputs) are non-trivial."""
-    model = mptc.build(spec, seed=seed).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
 def _err(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -108,7 +100,7 @@ def _err(capsys) -> str:
 def test_pt2_multimodal_gqa_matches_pytorch(tmp_path):
     spec = mptc.parse(MULTIMODAL)
     assert mptc.summarize(spec).params <= 2_000_000
-    model = _perturbed(spec)
+    model = perturbed(spec)
     mptc.export_pt2(model, tmp_path / "m.pt2")
     prog = torch.export.load(str(tmp_path / "m.pt2")).module()
     for batch, seq in ((1, 3), (3, 11), (2, 24)):
@@ -159,7 +151,7 @@ def test_run_without_conditions_names_the_flag(tmp_path, capsys):
 
 def test_run_with_conditions_file_matches_the_module(tmp_path, capsys):
     spec = mptc.parse(HYPER)
-    model = _perturbed(spec)
+    model = perturbed(spec)
     mptc.save(model, tmp_path / "m")
     ids = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     cond = np.random.default_rng(0).standard_normal((2, 4))  # float64: converted
@@ -268,7 +260,7 @@ def test_run_rejects_bad_token_types(bert, capsys, types, message):
 
 def test_one_granularity_skips_unnested_layers(tmp_path, capsys):
     spec = mptc.parse(PARTIAL)
-    model = _perturbed(spec)
+    model = perturbed(spec)
     mptc.save(model, tmp_path / "m")
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad(), granularity(model, mlp="m", heads="l") as choice:

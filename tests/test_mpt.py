@@ -11,6 +11,8 @@ import torch
 import mptc
 from mptc import passes as P
 
+from .conftest import perturbed
+
 ROOT = Path(__file__).resolve().parent.parent
 MPT = sorted((ROOT / "examples").glob("mpt-*.mpt"))
 
@@ -52,21 +54,11 @@ FEATURES = {
 }
 
 
-def _perturbed(spec: mptc.Spec, seed: int = 0):
-    """A model whose zero-initialised parts (FiLM outputs, gates, modulation) are non-trivial."""
-    model = mptc.build(spec, seed=seed).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
 @pytest.mark.parametrize("feature", FEATURES)
 def test_feature_compiles_and_onnx_matches(feature, tmp_path):
     spec = variant(*FEATURES[feature])
     assert mptc.parse(str(spec)) == spec
-    model = _perturbed(spec)
+    model = perturbed(spec)
     assert mptc.summarize(spec).params == sum(p.numel() for p in model.parameters())
     mptc.export_onnx(model, tmp_path / "m.onnx")
     for batch, seq in ((1, 5), (3, 11)):
@@ -80,14 +72,14 @@ def test_the_feature_changes_the_function():
     """Each feature's parameters reach the output (and the side input does, where it is read)."""
     for feature in ("condition", "experts-condition", "hyper"):
         spec = variant(*FEATURES[feature])
-        model = _perturbed(spec)
+        model = perturbed(spec)
         x = mptc.example_inputs(spec, batch=2, seq=6)
         with torch.no_grad():
             a = model(**x)
             b = model(**{**x, "conditions": x["conditions"] + 1.0})
         assert (a - b).abs().max() > 1e-3, feature
     spec = variant(*FEATURES["modulate"])
-    model = _perturbed(spec)
+    model = perturbed(spec)
     ids = torch.tensor([[3, 45, 7, 50]])
     with torch.no_grad():
         before = model(input_ids=ids)
@@ -182,7 +174,7 @@ def test_multimodal_training_needs_both_inputs():
 
 def test_multimodal_mask_covers_the_text_only():
     spec = variant(*FEATURES["multimodal"]).replace(head=mptc.parse(BASE).head)
-    model = _perturbed(spec)
+    model = perturbed(spec)
     px = torch.randn(1, 3, 8, 8)
     ids = torch.tensor([[3, 9, 4]])
     padded = torch.tensor([[3, 9, 4, 60, 61]])
@@ -198,7 +190,7 @@ def test_tasks_select_sub_networks(tmp_path, capsys):
     from mptc.nested import granularity
 
     path = ROOT / "examples" / "mpt-hyper.mpt"
-    model = _perturbed(mptc.load(path))
+    model = perturbed(mptc.load(path))
     x = mptc.example_inputs(mptc.spec_of(model), batch=2, seq=6)
     with torch.no_grad(), granularity(model, task="edge") as choice:
         edge = model(**x)
@@ -228,7 +220,7 @@ REFUSED = {
 @pytest.mark.parametrize("path", MPT, ids=[p.stem for p in MPT])
 @pytest.mark.parametrize("p", GROWTH, ids=[str(p) for p in GROWTH])
 def test_growth_on_mpt_examples(path, p):
-    model = _perturbed(mptc.load(path))
+    model = perturbed(mptc.load(path))
     refusal = REFUSED.get((path.stem, p.name))
     if refusal:
         with pytest.raises(P.PassError, match=refusal):

@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 import mptc
 import mptc.atomic as A
+import mptc.outputs as O
 from mptc.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,7 +179,7 @@ def test_the_cwd_its_parents_and_home_are_never_replaced(tmp_path, monkeypatch, 
     assert main(["compile", "x.mpt", "-o", str(home), "--force"]) == 1
     assert tree(proj) == before and os.listdir(home) == []
     with pytest.raises(mptc.MptcError, match="refusing to write /: it is the root directory"):
-        A.check_output("/", "model", policy=A.OutputPolicy(force=True))
+        O.check_output("/", "model", policy=O.OutputPolicy(force=True))
 
 
 def test_library_save_refuses_a_foreign_dir(tmp_path):
@@ -189,7 +190,7 @@ def test_library_save_refuses_a_foreign_dir(tmp_path):
     with pytest.raises(mptc.MptcError, match=r"mywork exists and is not a model dir.*notes\.txt") as e:
         mptc.save(model, work)
     assert "output_policy(force=True)" in e.value.hint and (work / "notes.txt").exists()
-    with A.output_policy(force=True):
+    with O.output_policy(force=True):
         mptc.save(model, work)
     assert sorted(os.listdir(work)) == ["model.mpt", "weights.safetensors"]
     with pytest.raises(mptc.MptcError, match="exists and is not an ONNX file"):
