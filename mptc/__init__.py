@@ -7,27 +7,36 @@
     mptc.export_onnx(model, "out/gpt2.onnx")
 """
 
+from importlib import import_module
+
 from .errors import MptcError, SpecError
-from .export import example_inputs, export_onnx, export_pt2, run_onnx
-from .model import build, load, load_model, save, spec_of
+from .files import load
+from .graph import spec_of
 from .printer import format_spec
 from .schema import parse
 from .spec import Spec
-from .summary import summarize
+
+# Imported on first use, so that `import mptc` (and `mptc check`, `mptc fmt`) does not import torch.
+LAZY = {"build": "model", "load_model": "model", "save": "model", "example_inputs": "inputs",
+        "export_onnx": "export", "export_pt2": "export", "run_onnx": "export", "summarize": "summary"}
+
+
+def __getattr__(name: str):
+    if name in LAZY:
+        value = getattr(import_module(f".{LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mptc' has no attribute {name!r}")
 
 
 def from_hf(path_or_model, **kw):
     """A GraphModule from a Hugging Face model dir or a `transformers` model object (see mptc.hf)."""
-    from .hf import from_hf as _from_hf
-
-    return _from_hf(path_or_model, **kw)
+    return import_module(".hf", __name__).from_hf(path_or_model, **kw)
 
 
 def to_hf(model, path, **kw):
     """Write a Hugging Face checkpoint (config.json + model.safetensors) for a GPT-2 or Llama-family model."""
-    from .hf import to_hf as _to_hf
-
-    return _to_hf(model, path, **kw)
+    return import_module(".hf", __name__).to_hf(model, path, **kw)
 
 
 __all__ = [

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MptcError
-from .export import ONNX_OPSET
+from .files import ONNX_OPSET
 
 EPILOG = """\
 SRC is a spec file (.mpt; weights initialised from --seed) or a model dir
@@ -41,8 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    c = sub.add_parser("check", help="parse and validate a spec", description="Parse and validate a spec; "
-                       "print a one-line summary, or the first error with its position.")
+    c = sub.add_parser("check", help="parse and validate a spec", description="Parse and validate a spec without "
+                       "building it (no torch: fast enough for an editor or pre-commit hook); print a one-line "
+                       "summary, or the first error with its position. Sizes: `mptc summary`.")
     c.add_argument("spec", metavar="SRC")
 
     c = sub.add_parser("fmt", help="format a spec file", description="Print a spec in the house style "
@@ -58,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Parameters and FLOPs per token, per layer and in total, computed on the "
                        "meta device (nothing is allocated). FLOPs: see docs/language.md.")
     c.add_argument("spec", metavar="SRC")
-    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table (every layer, every tensor)")
+    c.add_argument("-v", "--verbose", action="store_true", help="list every tensor's shape under its row")
 
     c = sub.add_parser("compile", help="compile to a model dir, .onnx or .pt2",
                        description="Compile SRC. OUT ending in .onnx gives an ONNX file (checked with "
@@ -79,11 +81,13 @@ def _parser() -> argparse.ArgumentParser:
                        "weights.safetensors, report.json). After every pass the result is checked (well-formedness, "
                        "its certificate, and behaviour on probe batches); a failed check writes nothing. "
                        "Passes: grow_mlp, add_heads, grow_head_dim, grow_qk, grow_width, add_layers, add_kv_heads, "
-                       "grow_vocab, grow_context (docs/passes.md).")
+                       "grow_vocab, grow_context (docs/passes.md), and those of --plugin files.")
     c.add_argument("spec", metavar="SRC")
     c.add_argument("-p", "--pass", dest="passes", action="append", default=[], metavar="CALL",
                    help='a pass, e.g. -p "grow_mlp(hidden = 4096)" (repeatable; applied in order)')
     c.add_argument("--passes", dest="passes_file", metavar="FILE", help="a pipeline file: one pass call per line")
+    c.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE.py",
+                   help="a Python file whose @register-ed passes -p can use (repeatable; docs/write-a-pass.md)")
     c.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
     c.add_argument("--seed", type=int, default=0, help="weight seed for a spec file SRC (default 0)")
 
@@ -234,18 +238,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_check(args) -> int:
-    from .model import load
-    from .summary import human, summarize
+    """Parse and validate without torch (fast enough for an editor hook); the sizes are `mptc summary`'s."""
+    from .dims import check_tensor_sizes
+    from .files import load
 
     spec = load(args.spec)
-    s = summarize(spec)
-    print(f"ok: {spec.name}: {spec.n_layers} layers, width {spec.width}, {human(s.params)} parameters")
+    check_tensor_sizes(spec)
+    print(f"ok: {spec.name}: {spec.n_layers} layers, width {spec.width} (parameters and FLOPs: mptc summary)")
     return 0
 
 
 def cmd_fmt(args) -> int:
     from .atomic import atomic_file
-    from .model import load
+    from .files import load
     from .printer import format_source
     from .syntax import parse_file
 
@@ -274,8 +279,8 @@ def cmd_fmt(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from .model import load
-    from .summary import human, summarize
+    from .files import load
+    from .summary import human, layer_groups, summarize
 
     s = summarize(load(args.spec))
     if args.json:
@@ -285,14 +290,18 @@ def cmd_summary(args) -> int:
     from rich.table import Table
 
     t = Table(title=f"{s.name}: {human(s.params)} parameters, {human(s.flops_per_token)} FLOPs/token "
-              f"(context {s.context})", title_justify="left")
+              f"(context {s.context})", title_justify="left",
+              caption="identical consecutive layers share a row (params and FLOPs per layer)", caption_justify="left")
     t.add_column("part")
     t.add_column("params", justify="right")
     t.add_column("FLOPs/token", justify="right")
-    t.add_column("shapes")
-    for part in (s.embed, *s.layers, s.head):
-        shapes = part.desc + "\n" + ", ".join(f"{_short(k)} {tuple(v)}" for k, v in part.tensors.items())
-        t.add_row(part.name, f"{part.params:,}", f"{part.flops_per_token:,}", shapes)
+    t.add_column("shapes" if args.verbose else "layout")
+    rows = [(s.embed.name, s.embed), *((g.name, g.part) for g in layer_groups(s.layers)), (s.head.name, s.head)]
+    for name, part in rows:
+        shapes = part.desc
+        if args.verbose:
+            shapes += "".join(f"\n{_short(k)} {tuple(v)}" for k, v in part.tensors.items())  # one per line
+        t.add_row(name, f"{part.params:,}", f"{part.flops_per_token:,}", shapes)
     t.add_row("total", f"{s.params:,}", f"{s.flops_per_token:,}", "", style="bold")
     Console().print(t)
     return 0
@@ -314,7 +323,7 @@ def cmd_compile(args) -> int:
     if args.task is None:
         targets = [(args.output, model)]
     else:
-        from .model import spec_of
+        from .graph import spec_of
 
         spec = spec_of(model)
         names = [t.name for t in spec.tasks] if args.task == "all" else [args.task]
@@ -345,8 +354,8 @@ def cmd_compile(args) -> int:
 
 def _task_model(model, name: str):
     """The task's sub-network as its own (verified) model; the model itself for a whole-model task."""
-    from .model import spec_of
-    from .nested import task_choice
+    from .choice import task_choice
+    from .graph import spec_of
     from .passes import Extract, Pipeline
 
     if task_choice(spec_of(model), name).is_full:
@@ -392,7 +401,7 @@ def _inputs(args, spec) -> dict[str, np.ndarray]:
 
 
 def _random_inputs(args, spec) -> dict[str, np.ndarray]:
-    from .export import example_inputs
+    from .inputs import example_inputs
 
     if args.random < 1:
         raise MptcError("--random needs a batch size of at least 1")
@@ -634,13 +643,22 @@ def _print_top(spec, out: np.ndarray, k: int) -> None:
 
 def cmd_grow(args) -> int:
     from .model import load_model, save
-    from .passes import Pipeline
+    from .passes import CheckFailed, PassRefused, Pipeline, load_plugin
     from .passes.parse import load_pipeline
     from .summary import human
 
+    for plugin in args.plugins:
+        load_plugin(plugin)
     passes = load_pipeline(args.passes, args.passes_file)
     model = load_model(args.spec, seed=args.seed)
-    new, report = Pipeline(passes)(model)
+    try:
+        new, report = Pipeline(passes)(model)
+    except PassRefused as e:  # the message first (it names the pass), then which kind of error it is
+        raise MptcError(f"{e.message} (refused: the pass does not apply; nothing was written)", e.span,
+                        e.hint) from None
+    except CheckFailed as e:
+        raise MptcError(f"{e.message} (check failed: the pass ran but its result is wrong; nothing was written)",
+                        e.span, e.hint) from None
     for r in report.passes:
         print(f"{r.call}: {human(r.params_before)} → {human(r.params_after)} params, max error "
               f"{r.max_abs_error_float64:.2g} (float64) / {r.max_abs_error_float32:.2g} (float32), "

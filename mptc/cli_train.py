@@ -50,6 +50,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--tokenizer", metavar="tokenizer.json", help="a Hugging Face tokenizer.json: train on its tokens "
                    "instead of bytes (kept in OUT_DIR; the model's vocab must hold its tokens)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar (evaluation lines only)")
+    c.add_argument("--nproc", type=int, metavar="N", help="train on N local processes: runs this command under "
+                   "torch.distributed.run (as `torchrun --nproc_per_node N -m mptc train …` does); --batch is the "
+                   "global batch and must divide by N")
+    c.add_argument("--shard", choices=("ddp", "fsdp"), default="ddp", help="with several processes: replicate the "
+                   "weights (ddp, DistributedDataParallel, the default) or shard them and the optimizer state (fsdp, "
+                   "FSDP2 fully_shard)")
     _threads_arg(c)
     c.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
 
@@ -121,14 +127,48 @@ def _resume_tokenizer(resume: str, given: str | None) -> Path | None:
 
 
 def cmd_train(args) -> int:
+    from . import distributed as D
+
+    if args.nproc is not None and not D.launched():
+        from .train import TrainConfig
+
+        batch = args.batch if args.batch is not None else None if args.resume else TrainConfig().batch
+        if batch is not None:  # a resumed run's batch is the checkpoint's: its processes check it
+            D.check_batch(batch, args.nproc)
+        return D.launch(_launch_args(args), args.nproc)
+    with D.session():
+        return _train(args)
+
+
+def _launch_args(args) -> list[str]:
+    """The `mptc train` arguments of `args` without --nproc, for each launched process."""
+    out = ["train", *([args.spec] if args.spec else [])]
+    if args.data:
+        out += ["--data", *args.data]
+    for flag in TRAIN_OPTIONS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            out += [flag, repr(value)]
+    for flag in ("--nested", "--resume", "--tokenizer", "--threads", "--shard"):
+        value = getattr(args, flag[2:])
+        if value is not None:
+            out += [flag, str(value)]
+    for g in args.grow or []:
+        out += ["--grow", g]
+    out += ["--no-progress"] * bool(args.no_progress) + ["--force"] * bool(getattr(args, "force", False))
+    return [*out, "-o", args.output]
+
+
+def _train(args) -> int:
     from rich.console import Console
 
+    from . import distributed as D
     from . import train as T
     from .model import load, load_model
     from .summary import human
 
     _set_threads(args.threads)
-    console = Console(stderr=False, highlight=False)
+    console = Console(stderr=False, highlight=False, quiet=not D.is_main())  # rank 0 speaks for the group
     given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in TRAIN_OPTIONS.items()}
     given = {k: v for k, v in given.items() if v is not None}
     if args.nested is not None:
@@ -144,7 +184,7 @@ def cmd_train(args) -> int:
             raise MptcError(f"{args.spec} is not the model saved in {args.resume}",
                             hint="leave SRC out to resume the checkpoint's model")
         tokens = _tokens(data, console, _resume_tokenizer(args.resume, args.tokenizer))
-        trainer = T.Trainer.resume(args.resume, tokens, **given)
+        trainer = T.Trainer.resume(args.resume, tokens, shard=args.shard, **given)
         if trainer.log.get("data_tokens") != tokens.numel():
             console.print(f"[yellow]warning: the checkpoint was trained on {trainer.log.get('data_tokens'):,} bytes, "
                           f"--data has {tokens.numel():,}: the split differs[/]")
@@ -159,6 +199,7 @@ def cmd_train(args) -> int:
         model = load_model(args.spec, seed=given.get("seed", 0))
         config = T.TrainConfig(**given)
         config.check()
+        D.check_batch(config.batch)
         spec = model.meta["mptc.spec"]
         if args.tokenizer is None:
             T.check_model(spec)
@@ -168,7 +209,7 @@ def cmd_train(args) -> int:
             T.check_model(spec, tokenizer_vocab(load_tokenizer(args.tokenizer)), args.tokenizer)
         T.check_growth(T.parse_growth(config.growth), spec, config.steps)  # refused before the data is read
         tokens = _tokens(args.data, console, args.tokenizer)
-        trainer = T.Trainer(model, tokens, config, args.tokenizer)
+        trainer = T.Trainer(model, tokens, config, args.tokenizer, shard=args.shard)
     trainer.log["data"] = list(data)
     spec, c = trainer.spec, trainer.config
     grans = ", ".join(trainer.grans)
@@ -176,7 +217,10 @@ def cmd_train(args) -> int:
     console.print(f"{spec.name}: {human(sum(p.numel() for p in trainer.params))} parameters; granularities {grans}"
                   f"{f' ({c.nested})' if len(trainer.grans) > 1 else ''}; {trainer.train_tokens.numel():,} train / "
                   f"{trainer.val_tokens.numel():,} held-out {unit}; batch {c.batch} × {trainer.seq}")
-    trainer.run(args.output, progress=not args.no_progress, console=console)
+    if trainer.shard is not None:
+        console.print(f"{D.world_size()} processes ({D.backend()}, {trainer.shard}): each takes "
+                      f"{c.batch // D.world_size()} of the {c.batch} sequences of a step")
+    trainer.run(args.output, progress=not args.no_progress and D.is_main(), console=console)
     last = trainer.log["eval"][-1]
     console.print(f"step {trainer.step}: held-out loss " + ", ".join(f"{n} {v:.4f}" for n, v in last["losses"].items()))
     console.print(f"wrote {args.output}")

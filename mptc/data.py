@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from .errors import MptcError
-from .model import spec_of
+from .graph import spec_of
 
 BYTE_VOCAB = 256
 TOKENIZER_FILE = "tokenizer.json"  # the name a tokenizer has in a checkpoint dir

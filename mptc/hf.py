@@ -30,8 +30,10 @@ from torch import Tensor, fx
 from . import spec as S
 from .atomic import atomic_dir
 from .errors import MptcError
-from .lower import lower
-from .model import SPEC_FILE, WEIGHTS_FILE, build, load_model, param_info, spec_of
+from .files import SPEC_FILE, WEIGHTS_FILE
+from .graph import param_info, spec_of
+from .lower import NodeInfo, Role, lower
+from .model import build, load_model
 from .printer import format_spec
 from .schema import parse
 
@@ -919,12 +921,32 @@ def _export_config(spec: S.Spec, family: str | None) -> tuple[str, Config]:
         "with one value per config field for all layers" + rest))
 
 
-def _hf_state(model: fx.GraphModule, table: dict[str, Map]) -> dict[str, Tensor]:
-    """The model's tensors under their Hugging Face names: Conv1D transposed, fused q/k/v joined."""
-    sd = model.state_dict()
+SPEC_FIELDS = {Role.NORM_Q: "layers.attention.qk_norm", Role.NORM_K: "layers.attention.qk_norm"}  # for messages
+
+
+def _no_place(spec: S.Spec, family: str, name: str, info: NodeInfo) -> MptcError:
+    """The error for a parameter the family's checkpoint has no name for, at the spec field that made it."""
+    field = SPEC_FIELDS.get(info.role)
+    v = spec.spans.get(field) if field else None
+    span = None
+    if v is not None:
+        items = getattr(v, "value", None)
+        span = items[info.layer].span if isinstance(items, list) and info.layer is not None else v.span
+    what = f"`{field.rsplit('.', 1)[-1]}`" if field else "that part"
+    return MptcError(f"cannot export as {family}: it has no weight for {name} ({info.describe()})", span,
+                     f"{family} checkpoints cannot hold it; remove {what} from the spec, or keep the model in "
+                     "mptc's own format")
+
+
+def _hf_state(model: fx.GraphModule, fam: Family) -> dict[str, Tensor]:
+    """The model's tensors under their Hugging Face names: Conv1D transposed, fused q/k/v joined.
+    A tensor the family's table has no name for raises MptcError naming it."""
+    sd, table = model.state_dict(), fam.weights
     groups: dict[str, list[tuple[int, Tensor, bool]]] = {}
-    for name in param_info(model):
+    for name, info in param_info(model).items():
         tmpl, i = _template(name)
+        if tmpl not in table:
+            raise _no_place(spec_of(model), fam.name, name, info)
         m = table[tmpl]
         groups.setdefault(m.hf[0].format(i=i), []).append((m.part or 0, sd[name].detach(), m.conv1d))
     out = {}
@@ -943,7 +965,7 @@ def to_hf(model: fx.GraphModule, path: str | os.PathLike, family: str | None = N
     name, config = _export_config(spec, family)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     config |= {"dtype": dtype, "torch_dtype": dtype}
-    tensors = _hf_state(model, FAMILIES[name].weights)
+    tensors = _hf_state(model, FAMILIES[name])
     with atomic_dir(path, kind="hf") as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

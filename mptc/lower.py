@@ -3,14 +3,17 @@
 Every node carries `node.meta["mptc"]` (a `NodeInfo`): the layer it belongs to, its role
 (`attn.q`, `mlp.down`, `norm.attn`, …) and, for parameters and shape constants, the
 dimension symbols of each axis (docs/architecture.md). A parameter axis is a tuple of symbols whose
-sizes multiply, outermost first: the query weight is ((H[l], K[l]), (D,)).
+sizes multiply, outermost first: the query weight is ((H[l], K[l]), (D,)). Roles and io kinds are
+`Role` and `IO` members (string enums: their values are the names reports print); a norm's gain and
+shift also say which symbol the norm runs over (`norm_over`).
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -18,21 +21,94 @@ from torch import fx, nn
 
 from . import ops
 from . import spec as S
-from .errors import Span, SpecError
+from .dims import sizes, too_large
+from .errors import MptcError, SpecError
 from .nested import Nest
 
 Axes = tuple[tuple[str, ...], ...]
 
 
+class Role(StrEnum):
+    """What a graph node computes or a parameter is. Passes declare the parameter roles they know."""
+
+    INPUT = "input"
+    OUTPUT = "output"
+    SHAPE = "shape"
+    TYPES = "types"
+    ROPE = "rope"
+    MODULATE = "modulate"
+    HYPER = "hyper"
+    SKIP = "skip"
+    MASK_CAUSAL = "mask.causal"
+    MASK_BIDIRECTIONAL = "mask.bidirectional"
+    RESIDUAL_ATTN = "residual.attn"
+    RESIDUAL_MLP = "residual.mlp"
+    EMBED_TOKENS = "embed.tokens"
+    EMBED_SEGMENTS = "embed.segments"
+    EMBED_PATCH = "embed.patch"
+    EMBED_CLS = "embed.cls"
+    EMBED_MODALITY = "embed.modality"
+    EMBED_POSITIONS = "embed.positions"
+    EMBED_EXPERTS = "embed.experts"
+    EMBED_GATE = "embed.gate"
+    EMBED_CONDITION = "embed.condition"
+    EMBED_ADAPTIVE = "embed.adaptive"
+    EMBED_DROPOUT = "embed.dropout"
+    ATTN_Q = "attn.q"
+    ATTN_K = "attn.k"
+    ATTN_V = "attn.v"
+    ATTN_O = "attn.o"
+    ATTN_ROPE = "attn.rope"
+    ATTN_SDPA = "attn.sdpa"
+    ATTN_DROPOUT = "attn.dropout"
+    MLP_UP = "mlp.up"
+    MLP_GATE = "mlp.gate"
+    MLP_DOWN = "mlp.down"
+    MLP_ACT = "mlp.act"
+    MLP_DROPOUT = "mlp.dropout"
+    HEAD_OUT = "head.out"
+    HEAD_POOL = "head.pool"
+    HEAD_POOLER = "head.pooler"
+    HEAD_TRANSFORM = "head.transform"
+    NORM_EMBED = "norm.embed"
+    NORM_ATTN = "norm.attn"
+    NORM_MLP = "norm.mlp"
+    NORM_HEAD = "norm.head"
+    NORM_TRANSFORM = "norm.transform"
+    NORM_Q = "norm.q"  # q/k norm: per head, over the query/key dim K[l]
+    NORM_K = "norm.k"
+
+
+class IO(StrEnum):
+    """What one axis of a parameter is to the values around it."""
+
+    OUT = "out"  # the values it writes
+    IN = "in"  # what it reads or is indexed by
+    NORM = "norm"  # a norm's gain or shift (over `NodeInfo.norm_over`)
+    SCALE = "scale"  # a multiplicative modulation (1 + γ, or a per-type scale)
+
+
+PARAM_ROLES = frozenset({  # the roles a parameter can have
+    Role.MODULATE, Role.HYPER, Role.EMBED_TOKENS, Role.EMBED_SEGMENTS, Role.EMBED_PATCH, Role.EMBED_CLS,
+    Role.EMBED_MODALITY, Role.EMBED_POSITIONS, Role.EMBED_EXPERTS, Role.EMBED_GATE, Role.EMBED_CONDITION,
+    Role.EMBED_ADAPTIVE, Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O, Role.MLP_UP, Role.MLP_GATE,
+    Role.MLP_DOWN, Role.HEAD_OUT, Role.HEAD_POOLER, Role.HEAD_TRANSFORM, Role.NORM_EMBED, Role.NORM_ATTN,
+    Role.NORM_MLP, Role.NORM_HEAD, Role.NORM_TRANSFORM, Role.NORM_Q, Role.NORM_K})
+
+
 @dataclass(frozen=True)
 class NodeInfo:
-    role: str
+    role: Role
     layer: int | None = None
     axes: Axes | None = None  # parameters: symbols of each axis
     shape: tuple | None = None  # view/reshape nodes: symbols of each target size (None = dynamic)
     init: str | None = None  # parameters: normal | residual | zeros | ones
-    io: tuple[str, ...] | None = None  # parameters, per axis: "out" (values it writes), "in" (what it reads
-    #                                    or is indexed by) or "norm" (a norm's gain or shift)
+    io: tuple[IO, ...] | None = None  # parameters: what each axis is (IO)
+    norm_over: str | None = None  # a norm's gain or shift: the symbol the norm runs over ("D", "K[3]")
+
+    def describe(self) -> str:
+        """The parameter in words, for messages: "a norm over K[0], role norm.q", "role attn.q"."""
+        return f"a norm over {self.norm_over}, role {self.role}" if self.norm_over is not None else f"role {self.role}"
 
 
 @dataclass
@@ -43,74 +119,6 @@ class Lowered:
 
 
 ACT = {"gelu": F.gelu, "gelu_tanh": ops.gelu_tanh, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
-
-
-def sizes(spec: S.Spec) -> dict[str, int]:
-    """The value of every dimension symbol of a spec."""
-    out = {"D": spec.width, "L": spec.n_layers}
-    if spec.vocab is not None:
-        out["V"] = spec.vocab
-    if spec.seq_len is not None:
-        out["P"] = spec.seq_len
-    if spec.head.classes is not None:
-        out["C"] = spec.head.classes
-    if spec.embed.segments:
-        out["S"] = spec.embed.segments
-    e = spec.embed
-    if spec.conditions:
-        out["Cn"] = spec.conditions
-    if e.types:
-        out["T"] = len(e.types)
-        out |= {f"V:{t.name}": t.size for t in e.types}
-    if e.experts is not None:
-        out["M"] = e.experts.count
-    for k in ("condition", "adaptive"):
-        if getattr(e, k) is not None:
-            out[f"F:embed.{k}"] = getattr(e, k).hidden
-    for i, ly in enumerate(spec.layers):
-        if ly.hyper is not None:
-            out[f"F:hyper[{i}]"], out[f"R[{i}]"] = ly.hyper.hidden, ly.hyper.rank
-    if spec.patches is not None:
-        out["I"] = spec.patches.channels * spec.patches.patch**2  # patch input features
-    if spec.multimodal:
-        out["MOD"] = 2
-    for i, layer in enumerate(spec.layers):
-        a = layer.attention
-        out |= {f"H[{i}]": a.heads, f"G[{i}]": a.kv_heads, f"K[{i}]": a.head_dim, f"Dv[{i}]": a.value_dim,
-                f"F[{i}]": layer.mlp.hidden}
-    return out
-
-
-SYMBOL_FIELDS = {  # the spec fields that set a dimension symbol, most specific first
-    "D": ("width",), "V": ("vocab", "embed.types"), "P": ("context", "embed.input"), "C": ("head.classes",),
-    "S": ("embed.segments",), "Cn": ("conditions",), "M": ("embed.experts",), "I": ("embed.input",),
-    "MOD": ("embed.input",), "T": ("embed.types",), "H": ("layers.attention.heads",),
-    "G": ("layers.attention.kv_heads", "layers.attention.heads"),
-    "K": ("layers.attention.head_dim", "layers.attention.heads", "width"),
-    "Dv": ("layers.attention.value_dim", "layers.attention.head_dim", "layers.attention.heads", "width"),
-    "F": ("layers.mlp.hidden", "width"), "R": ("layers.hyper",),
-}
-
-
-def symbol_span(spec: S.Spec, sym: str) -> Span | None:
-    """Where a dimension symbol (`D`, `H[3]`, `V:text`, `F:hyper[0]`) is set in the spec's source, if known."""
-    base, _, rest = sym.partition("[")
-    layer = int(rest.rstrip("]")) if rest else None
-    if base.startswith("V:"):
-        keys: tuple[str, ...] = ("embed.types",)
-    elif base.startswith("F:"):
-        keys = ("layers.hyper",) if base == "F:hyper" else (base[2:],)
-    else:
-        keys = SYMBOL_FIELDS.get(base, ())
-    for k in (*keys, "model"):
-        v = spec.spans.get(k)
-        if v is None:
-            continue
-        items = getattr(v, "value", None)
-        if layer is not None and isinstance(items, list) and layer < len(items):
-            return items[layer].span
-        return v.span
-    return None
 
 
 class _Builder:
@@ -132,22 +140,20 @@ class _Builder:
                     self.nested |= {(i, "attn.q"), (i, "attn.k"), (i, "attn.v"), (i, "attn.o")}
 
     # --- nodes ---
-    def param(self, name: str, axes: Axes, role: str, init: str, io: tuple[str, ...]) -> fx.Node:
+    def param(self, name: str, axes: Axes, role: str, init: str, io: tuple[str, ...], norm_over: str | None = None
+              ) -> fx.Node:
         shape = tuple(math.prod(self.sizes[s] for s in ax) for ax in axes)
         if math.prod(shape) >= S.MAX_ELEMENTS:  # torch cannot size it, not even on the meta device
             raise self._too_large(name, axes, shape)
         owner, leaf = self._owner(name)
         owner.register_parameter(leaf, nn.Parameter(torch.empty(shape, device=self.device)))
-        info = NodeInfo(role, self.layer, axes, None, init, io)
+        info = NodeInfo(Role(role), self.layer, axes, None, init, tuple(IO(k) for k in io), norm_over)
         self.params[name] = info
         return self._tag(self.g.get_attr(name), info)
 
     def _too_large(self, name: str, axes: Axes, shape: tuple[int, ...]) -> SpecError:
         """The error for a parameter beyond MAX_ELEMENTS, at the field of its largest dimension."""
-        big = max((s for ax in axes for s in ax), key=lambda s: self.sizes[s])
-        dims = " × ".join(f"{n:,}" for n in shape)
-        return SpecError(f"parameter '{name}' would have {math.prod(shape):.3g} elements ({dims}), more than a tensor "
-                         f"can hold (2^60)", symbol_span(self.spec, big), "make that dimension smaller")
+        return too_large(self.spec, name, axes, self.sizes)
 
     def input(self, name: str, **kw) -> fx.Node:
         return self._tag(self.g.placeholder(name, **kw), NodeInfo("input"))
@@ -164,7 +170,7 @@ class _Builder:
         return self._tag(self.g.call_method(name, args), NodeInfo(role, self.layer, shape=shape))
 
     def _tag(self, node: fx.Node, info: NodeInfo) -> fx.Node:
-        node.meta["mptc"] = info
+        node.meta["mptc"] = info if isinstance(info.role, Role) else replace(info, role=Role(info.role))
         return node
 
     def _owner(self, dotted: str) -> tuple[nn.Module, str]:
@@ -207,12 +213,14 @@ class _Builder:
     def nest(self, x: fx.Node, site: str) -> fx.Node:
         return self._tag(self.g.call_module("nest", (x, self.layer, site)), NodeInfo(site, self.layer))
 
-    def norm(self, x: fx.Node, norm: S.Norm, name: str, role: str) -> fx.Node:
-        w = self.param(f"{name}.weight", (("D",),), role, "ones", ("norm",))
+    def norm(self, x: fx.Node, norm: S.Norm, name: str, role: str, over: str = "D") -> fx.Node:
+        """A norm over the last axis of x, whose size is the symbol `over` (D, or K[l] for a q/k norm)."""
+        w = self.param(f"{name}.weight", ((over,),), role, "ones", ("norm",), over)
+        n = (self.sizes[over],)
         if norm.kind == "rmsnorm":
-            return self.call(F.rms_norm, x, (self.spec.width,), w, norm.eps, role=role, shape=("D",))
-        b = self.param(f"{name}.bias", (("D",),), role, "zeros", ("norm",)) if norm.bias else None
-        return self.call(F.layer_norm, x, (self.spec.width,), w, b, norm.eps, role=role, shape=("D",))
+            return self.call(F.rms_norm, x, n, w, norm.eps, role=role, shape=(over,))
+        b = self.param(f"{name}.bias", ((over,),), role, "zeros", ("norm",), over) if norm.bias else None
+        return self.call(F.layer_norm, x, n, w, b, norm.eps, role=role, shape=(over,))
 
     def dropout(self, x: fx.Node, p: float, name: str, role: str) -> fx.Node:
         return self.module(name, nn.Dropout(p), (x,), role) if p > 0 else x
@@ -243,8 +251,6 @@ def reads_conditions(spec: S.Spec) -> bool:
 def require_input(x: torch.Tensor | None, model: str, name: str, shape: str) -> torch.Tensor:
     """x itself; an MptcError naming the input when it was left out."""
     if x is None:
-        from .errors import MptcError
-
         raise MptcError(f"model '{model}' needs the input '{name}' {shape}",
                         hint=f"call it with {name}=… (a tensor of shape {shape})")
     return x
@@ -421,6 +427,8 @@ def _attention(b: _Builder, i: int, a: S.Attention, h: fx.Node, bsz: fx.Node, se
         y = b.linear(h, f"{pre}.{name}", (n[0], d[0]), ("D",), a.bias, f"attn.{name}")  # (B, T, n·d)
         count, sym = (-1, None) if nested else (n[1], n[0])
         y = b.method("view", y, bsz, seq, count, d[1], role=f"attn.{name}", shape=(None, None, sym, d[0]))
+        if a.qk_norm is not None and name in ("q", "k"):  # per head, over K (Qwen3, OLMo 2)
+            y = b.norm(y, a.qk_norm, f"{pre}.{name}_norm", f"norm.{name}", over=K)  # (B, T, n, K)
         return b.method("transpose", y, 1, 2, role=f"attn.{name}")  # (B, n, T, d)
 
     q = heads("q", (H, a.heads), (K, a.head_dim))  # (B, H, T, K)

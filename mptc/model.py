@@ -19,41 +19,15 @@ from torch import fx
 
 from . import spec as S
 from .atomic import atomic_dir
+from .dims import sizes
 from .errors import MptcError
-from .lower import Lowered, NodeInfo, lower, sizes
-from .schema import parse
+from .files import SPEC_FILE, WEIGHTS_FILE, load
+from .graph import param_info, spec_of
+from .lower import Lowered, NodeInfo, lower
+from .memory import check_fits, count_params
 
-SPEC_FILE = "model.mpt"
-WEIGHTS_FILE = "weights.safetensors"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load(path: str | os.PathLike) -> S.Spec:
-    """Read a spec from a `.mpt` file or a model dir."""
-    p = Path(path)
-    if p.is_dir():
-        if not (p / SPEC_FILE).is_file():
-            raise MptcError(f"{p} is a directory without {SPEC_FILE}", hint="a model dir holds model.mpt and "
-                            "weights.safetensors (written by `mptc compile SPEC -o DIR`)")
-        p = p / SPEC_FILE
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise MptcError(f"no such file: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
-        raise MptcError(f"cannot read {p}: {getattr(e, 'strerror', None) or e}") from None
-    return parse(text, str(p))
-
-
-def spec_of(model: fx.GraphModule) -> S.Spec:
-    try:
-        return model.meta["mptc.spec"]
-    except (AttributeError, KeyError):
-        raise MptcError("this module was not built by mptc (no spec in module.meta)") from None
-
-
-def param_info(model: fx.GraphModule) -> dict[str, NodeInfo]:
-    return model.meta["mptc.params"]
+__all__ = ["SPEC_FILE", "WEIGHTS_FILE", "build", "init_weights", "load", "load_model", "param_info", "save", "spec_of"]
 
 
 def build(spec: S.Spec, weights: str | os.PathLike | dict | None = None, seed: int = 0,
@@ -88,8 +62,6 @@ def build(spec: S.Spec, weights: str | os.PathLike | dict | None = None, seed: i
 
 def _check_fits(spec: S.Spec, low: Lowered, dtype: torch.dtype, device: str | torch.device) -> None:
     """Refuse a model whose parameters cannot fit in the memory available (on the host when loading)."""
-    from .memory import check_fits, count_params
-
     n = count_params((info.axes for info in low.params.values()), sizes(spec))
     where = "cpu" if str(device) == "meta" else device
     check_fits(f"model {spec.name} would have", n, dtype, where, hint="`mptc summary SPEC` shows the size of each "

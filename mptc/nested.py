@@ -1,182 +1,20 @@
-"""MatFormer nesting (Devvrit et al. 2023, arXiv 2310.07707): sub-networks by index prefix.
-
-A nested layer keeps, at granularity f, the first f·F hidden units of its MLP (W1[:k], b1[:k],
-W2[:, :k]) and/or the first f·G kv head groups of its attention (whole groups, so the GQA ratio
-holds). Skippable layers may be left out. A `Choice` names one sub-network; it is written as
-text like the command line takes it:
-
-    mlp="s"                 every nested MLP at granularity s (un-nested layers stay whole)
-    mix="s,s,m,l,xl,xl"     Mix'n'Match: one granularity per layer (names or fractions: 0.5, 1/8;
-                            xl for a layer without nesting)
-    heads="m"               every nested attention at granularity m
-    skip=[3, 7]             leave out layers 3 and 7 (they must be `skippable`)
-
-The compiled module runs any sub-network without copying weights (`granularity(model, …)`);
-`mptc extract` cuts it out physically.
+"""MatFormer nesting at run time: the compiled module runs any of its sub-networks without copying
+weights (`granularity(model, …)`). What a sub-network is (`Choice`, its text form, `sub_spec`) is
+mptc/choice.py; `mptc extract` cuts one out physically.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, fx, nn
 
 from . import spec as S
-from .errors import MptcError, suggest
-
-PAPER = {0.125: "s", 0.25: "m", 0.5: "l", 1.0: "xl"}  # the MatFormer paper's four granularities
-NAMES = ("xxs", "xs", "s", "m", "l", "xl")
-
-
-def level_names(levels: Sequence[float]) -> tuple[str, ...]:
-    """Names of a layer's granularities: the paper's (1/8 s, 1/4 m, 1/2 l, 1 xl) when the levels are
-    among those, else the last k of xxs, xs, s, m, l, xl (or g0, g1, … beyond six)."""
-    if all(x in PAPER for x in levels):
-        return tuple(PAPER[x] for x in levels)
-    k = len(levels)
-    return NAMES[-k:] if k <= len(NAMES) else tuple(f"g{i}" for i in range(k))
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One sub-network: per layer the active fraction of MLP units and of kv groups, and skipped layers."""
-
-    mlp: tuple[float, ...]
-    heads: tuple[float, ...]
-    skip: frozenset[int] = frozenset()
-
-    @staticmethod
-    def full(spec: S.Spec) -> Choice:
-        return Choice((1.0,) * spec.n_layers, (1.0,) * spec.n_layers)
-
-    @property
-    def is_full(self) -> bool:
-        return all(f == 1.0 for f in self.mlp + self.heads) and not self.skip
-
-
-def _level(token: str, levels: tuple[float, ...] | None, layer: int, what: str) -> float:
-    """A granularity token (name or fraction) resolved against one layer's declared levels."""
-    token = token.strip()
-    if levels is None:
-        if token in ("xl", "1", "1.0", "full"):
-            return 1.0
-        raise MptcError(f"layer {layer} has no nested {what}, so it only runs whole (xl), not {token!r}",
-                        hint=f"declare `nested = […]` in the {what} block")
-    names = level_names(levels)
-    if token in names:
-        return levels[names.index(token)]
-    try:
-        num, _, den = token.partition("/")
-        f = float(num) / float(den) if den else float(num)
-    except ValueError:
-        raise MptcError(f"unknown granularity {token!r} for layer {layer}",
-                        hint=suggest(token, names) or f"use one of {', '.join(names)} or a fraction") from None
-    for x in levels:
-        if abs(x - f) < 1e-9:
-            return x
-    raise MptcError(f"granularity {token} is not one of layer {layer}'s nested {what} levels "
-                    f"({', '.join(f'{n} = {x:g}' for n, x in zip(names, levels, strict=True))})")
-
-
-def _tokens(text: str | None, n: int) -> list[str] | None:
-    """Per-layer granularity tokens from "s,s,m,l" (one per layer); None for one token ("s"), which
-    applies to every nested layer (see `_per_layer`)."""
-    if text is None:
-        return ["xl"] * n
-    tokens = [t for t in str(text).replace(" ", ",").split(",") if t]
-    if len(tokens) == 1:
-        return None
-    if len(tokens) != n:
-        raise MptcError(f"the mix lists {len(tokens)} granularities but the model has {n} layers",
-                        hint="give one per layer, e.g. " + ",".join(["s"] * n))
-    return tokens
-
-
-def _per_layer(text: str | None, levels: list[tuple[float, ...] | None], what: str) -> tuple[float, ...]:
-    """The active fraction of each layer's MLP or attention: a per-layer list must name a level of
-    each layer (xl for an un-nested one); one granularity sets every nested layer and leaves the
-    others whole."""
-    tokens = _tokens(text, len(levels))
-    if tokens is not None:
-        return tuple(_level(t, lv, i, what) if t.strip() != "xl" or lv else 1.0
-                     for i, (t, lv) in enumerate(zip(tokens, levels, strict=True)))
-    token = str(text).strip().strip(",")
-    nested = [i for i, lv in enumerate(levels) if lv]
-    if not nested:
-        if token in ("xl", "1", "1.0", "full"):
-            return (1.0,) * len(levels)
-        raise MptcError(f"no layer has a nested {what}, so the model only runs whole (xl), not {token!r}",
-                        hint=f"declare `nested = […]` in the {what} block")
-    return tuple(_level(token, lv, i, what) if lv else 1.0 for i, lv in enumerate(levels))
-
-
-def parse_choice(spec: S.Spec, mix: str | None = None, *, mlp: str | None = None, heads: str | None = None,
-                 skip: Sequence[int] | str = ()) -> Choice:
-    """A Choice from its text parts (see the module docstring); unset parts stay whole."""
-    n = spec.n_layers
-    if mix is not None and mlp is not None:
-        raise MptcError("give either a per-layer mix or one MLP granularity, not both")
-    if isinstance(skip, str):
-        try:
-            skip = [int(t) for t in skip.replace(" ", ",").split(",") if t]
-        except ValueError:
-            raise MptcError(f"layers to drop must be indices like 3,7; got {skip!r}") from None
-    drop = set()
-    for i in skip:
-        if not -n <= i < n:
-            raise MptcError(f"cannot drop layer {i}: the model has {n} layers (0..{n - 1})")
-        i %= n
-        if not spec.layers[i].skippable:
-            ok = [j for j, ly in enumerate(spec.layers) if ly.skippable]
-            raise MptcError(f"layer {i} is not skippable", hint=f"skippable layers: {ok}" if ok else
-                            "declare `skippable = …` in the layers block")
-        drop.add(i)
-    if len(drop) == n:
-        raise MptcError("cannot drop every layer")
-    mlp_f = _per_layer(mix if mix is not None else mlp, [ly.mlp.nested for ly in spec.layers], "MLP")
-    head_f = _per_layer(heads, [ly.attention.nested for ly in spec.layers], "attention")
-    return Choice(mlp_f, head_f, frozenset(drop))
-
-
-def active_sizes(spec: S.Spec, choice: Choice) -> list[tuple[int, int, int]]:
-    """Per layer: (active hidden units, active query heads, active kv heads)."""
-    out = []
-    for i, ly in enumerate(spec.layers):
-        a = ly.attention
-        g = round(a.kv_heads * choice.heads[i])
-        out.append((round(ly.mlp.hidden * choice.mlp[i]), g * (a.heads // a.kv_heads), g))
-    return out
-
-
-def _rescale(levels: tuple[float, ...] | None, f: float) -> tuple[float, ...] | None:
-    if levels is None:
-        return None
-    kept = tuple(x / f for x in levels if x <= f + 1e-12)
-    return kept if len(kept) > 1 else None
-
-
-def sub_spec(spec: S.Spec, choice: Choice) -> S.Spec:
-    """The spec of a sub-network: smaller layers, dropped layers gone; the nesting below the
-    chosen level is kept (rescaled), so an extracted model can be cut further."""
-    sizes = active_sizes(spec, choice)
-    layers = []
-    for i, ly in enumerate(spec.layers):
-        if i in choice.skip:
-            continue
-        f, h, g = sizes[i]
-        layers.append(replace(
-            ly,
-            mlp=replace(ly.mlp, hidden=f, nested=_rescale(ly.mlp.nested, choice.mlp[i])),
-            attention=replace(ly.attention, heads=h, kv_heads=g,
-                              nested=_rescale(ly.attention.nested, choice.heads[i])),
-        ))
-    return spec.replace(layers=tuple(layers), tasks=())  # a task names layers of the parent
-
-
-# --- running a sub-network inside the full module ------------------------------------------
+from .choice import Choice, active_sizes, parse_choice, task_choice
+from .errors import MptcError
+from .graph import spec_of
 
 
 class Nest(nn.Module):
@@ -225,16 +63,6 @@ def nest_of(model: fx.GraphModule) -> Nest:
                         hint="declare `nested = […]` in mlp or attention, or `skippable` layers") from None
 
 
-def task_choice(spec: S.Spec, name: str) -> Choice:
-    """The sub-network of a named task (`tasks { … }` in the spec)."""
-    for t in spec.tasks:
-        if t.name == name:
-            return parse_choice(spec, t.mix, heads=t.heads, skip=t.skip)
-    names = [t.name for t in spec.tasks]
-    raise MptcError(f"model '{spec.name}' has no task '{name}'",
-                    hint=suggest(name, names) or (f"tasks: {', '.join(names)}" if names else "it declares no tasks"))
-
-
 @contextlib.contextmanager
 def granularity(model: fx.GraphModule, mix: str | Choice | None = None, *, mlp: str | None = None,
                 heads: str | None = None, skip: Sequence[int] | str = (), task: str | None = None
@@ -248,8 +76,6 @@ def granularity(model: fx.GraphModule, mix: str | Choice | None = None, *, mlp: 
         with granularity(model, task="fast"):     # a sub-network named in the spec's `tasks`
             ...
     """
-    from .model import spec_of
-
     nest = nest_of(model)
     spec = spec_of(model)
     if task is not None:

@@ -119,6 +119,8 @@ def format_spec(spec: S.Spec) -> str:
         keys.append("window")
     if any(a.nested is not None for a in att):
         keys.append("nested")
+    if any(a.qk_norm is not None for a in att):
+        keys.append("qk_norm")
     out += _block("attention", [(k, _per_layer([getattr(a, k) for a in att])) for k in keys], 2)
     mlp = [layer.mlp for layer in ls]
     mkeys = ("hidden", "activation", "bias") + (("nested",) if any(m.nested for m in mlp) else ())

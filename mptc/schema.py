@@ -9,11 +9,12 @@ from __future__ import annotations
 import keyword
 import math
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any
 
 from . import spec as S
 from . import syntax as ast
+from .choice import parse_choice
+from .dims import MODULE_ATTRIBUTES
 from .errors import MptcError, Span, SpecError, one_of, suggest
 from .evaluate import CallValue, Sym, V, evaluate, evaluate_lets
 
@@ -274,7 +275,7 @@ MODEL_BLOCKS = ("embed", "layers", "head", "tasks")
 EMBED_FIELDS = ("input", "positions", "dropout", "norm", "segments", "experts", "condition", "adaptive")
 LAYER_FIELDS = ("norm", "placement", "dropout", "skippable", "modulate", "hyper")
 ATTN_FIELDS = ("heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout", "rotary_dim",
-               "window", "nested")
+               "window", "nested", "qk_norm")
 MLP_FIELDS = ("hidden", "activation", "bias", "nested")
 HEAD_FIELDS = {
     "lm": ("norm", "tied", "bias", "transform"),
@@ -354,17 +355,10 @@ def _types(b: ast.Block, env: dict) -> tuple[S.TokenType, ...]:
     return tuple(out)
 
 
-@lru_cache(maxsize=1)
-def _module_attributes() -> frozenset[str]:
-    from torch import nn
-
-    return frozenset(dir(nn.Module()))
-
-
 def _parameter_name(name: str, span: Span) -> None:
     """A token type's name becomes part of a parameter's name (`embed.types.NAME.weight`), so it must be
     usable as a module attribute: not a Python keyword, nor a name a torch module already has."""
-    if keyword.iskeyword(name) or name in _module_attributes():
+    if keyword.iskeyword(name) or name in MODULE_ATTRIBUTES:
         raise SpecError(f"'{name}' cannot name a token type: it is reserved in the parameter names", span,
                         f"choose another name, such as '{name}_tokens'")
 
@@ -528,6 +522,7 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
                         "set `embed { positions = rope(theta = …) }`, or remove rotary_dim")
     rotary = af.take("rotary_dim", lambda v: as_int(v, "rotary_dim"), lambda i: head_dim[i] if rope else None)
     window = af.take("window", lambda v: None if _is_none(v) else as_int(v, "window"), None)
+    qk_norm = af.take("qk_norm", lambda v: as_norm(v, "qk_norm", allow_none=True), None)
     for i in range(n):
         if rotary[i] is not None and rotary[i] > head_dim[i]:
             raise SpecError(f"rotary_dim = {rotary[i]} exceeds head_dim = {head_dim[i]} in layer {i}",
@@ -563,7 +558,7 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
     return [
         S.Layer(
             attention=S.Attention(heads[i], kv[i], head_dim[i], value_dim[i], mask[i], bias[i], out_bias[i], adrop[i],
-                                  rotary[i], window[i], anest[i]),
+                                  rotary[i], window[i], anest[i], qk_norm[i]),
             mlp=S.MLP(hidden[i], act[i], mbias[i], mnest[i]),
             norm=norm[i],
             placement=placement[i],
@@ -692,8 +687,6 @@ def _check_mpt(spec: S.Spec, m: ast.Block, spans: dict) -> None:
                             layer_span(spans, "layers.hyper", i, m.span), "target a projection that is not nested")
     for t in spec.tasks:
         try:
-            from .nested import parse_choice
-
             parse_choice(spec, t.mix, heads=t.heads, skip=t.skip)
         except MptcError as err:
             raise SpecError(f"task '{t.name}': {err.message}", spans[f"tasks.{t.name}"].span, err.hint) from None

@@ -31,10 +31,11 @@ from torch import Tensor, fx
 
 from . import spec as S
 from .atomic import atomic_file
+from .choice import Choice, level_names, sub_spec
 from .errors import MptcError
-from .model import spec_of
-from .nested import Choice, level_names, sub_spec
+from .graph import spec_of
 from .summary import human, summarize
+from .train import evaluate
 
 METRICS = ("params", "flops")
 MAX_ALL = 4096  # the most configurations `family="all"` enumerates
@@ -202,8 +203,6 @@ def search(model: fx.GraphModule, budget: Budget, batches: list[Tensor] | None =
            progress=None) -> SearchResult:
     """Mix'n'Match under `budget`; with held-out `batches` (each (B, T + 1)) every candidate under the
     budget is evaluated and the Pareto front kept. `progress(i, n)` is called as candidates finish."""
-    from .train import evaluate
-
     spec = spec_of(model)
     sizer = Sizer(spec)
     every = [sizer.point(m) for m in candidates(spec, family)]

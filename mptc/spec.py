@@ -106,6 +106,7 @@ class Attention:
     #                                through; None without rope
     window: int | None = None  # sliding window: a query sees the `window` most recent keys (itself included)
     nested: tuple[float, ...] | None = None  # MatFormer: nested prefixes, as fractions of the kv head groups
+    qk_norm: Norm | None = None  # per head on q and k, over K, after the projections and before rope
 
     @property
     def rotary(self) -> int:

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from torch import fx
 
 from . import spec as S
+from .graph import param_info, spec_of
 from .lower import lower
-from .model import param_info, spec_of
 
 MATMUL_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate", "mlp.down", "head.out", "head.transform",
                 "head.pooler", "embed.patch")
@@ -86,6 +86,38 @@ def summarize(src: S.Spec | fx.GraphModule) -> Summary:
     parts = [embed, *layers, head]
     return Summary(spec.name, sum(x.params for x in parts), sum(x.flops_per_token for x in parts), spec.vocab,
                    spec.width, spec.seq_len, embed, layers, head)
+
+
+@dataclass
+class Group:
+    """Consecutive layers with the same parameters, FLOPs and tensor shapes: one row of the table."""
+
+    first: int
+    last: int
+    part: Part  # the first layer's
+
+    @property
+    def name(self) -> str:
+        n = self.last - self.first + 1
+        return f"layer {self.first}" if n == 1 else f"layers {self.first}–{self.last} ×{n}"
+
+
+def _layer_key(i: int, part: Part) -> tuple:
+    """What makes two layers the same row: sizes, description and tensor shapes (names without the index)."""
+    prefix = f"layers.{i}."
+    shapes = tuple((k.removeprefix(prefix), tuple(v)) for k, v in part.tensors.items())
+    return part.params, part.flops_per_token, part.desc, shapes
+
+
+def layer_groups(layers: list[Part]) -> list[Group]:
+    """Runs of identical consecutive layers (a uniform 80-layer spec is one group)."""
+    out: list[Group] = []
+    for i, part in enumerate(layers):
+        if out and _layer_key(out[-1].first, out[-1].part) == _layer_key(i, part):
+            out[-1].last = i
+        else:
+            out.append(Group(i, i, part))
+    return out
 
 
 def _numel(shape: list[int]) -> int:

@@ -151,11 +151,15 @@ def _on_comment(tok: Token) -> Token:
 
 @lru_cache(maxsize=1)
 def _parser() -> Lark:
+    """The LALR parser of grammar/mpt.lark, checked strictly (no conflicts, no colliding terminals) when it is
+    built; lark keeps the built tables in a per-user cache file keyed by the grammar's hash, so later runs
+    skip that analysis (most of the start-up time of `mptc check`)."""
     grammar = resources.files("mptc.grammar").joinpath("mpt.lark").read_text()
     return Lark(
         grammar,
         parser="lalr",
         strict=True,
+        cache=True,
         propagate_positions=True,
         maybe_placeholders=True,
         lexer_callbacks={"COMMENT": _on_comment},

@@ -46,13 +46,19 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, fx
 
+from . import distributed as D
 from . import spec as S
 from .atomic import atomic_dir
+from .choice import Choice, level_names
 from .data import BYTE_VOCAB, TOKENIZER_FILE, even_windows, split_tokens, tokenizer_from_text, tokenizer_vocab, windows
 from .errors import MptcError, Source, SpecError
-from .model import build, load_model, save, spec_of
-from .nested import Choice, granularity, level_names
+from .graph import spec_of
+from .model import build, load_model, save
+from .nested import granularity
 from .outputs import check_output
+from .passes import GROWTH, PassError, Pipeline
+from .passes.parse import parse_passes
+from .summary import human
 
 TRAINER_FILE = "trainer.pt"
 LOG_FILE = "log.json"
@@ -182,9 +188,6 @@ def parse_growth(texts: list[str]) -> list[GrowthEvent]:
 
 
 def _parse_event(text: str, label: str) -> GrowthEvent:
-    from .passes import GROWTH, PassError
-    from .passes.parse import parse_passes
-
     head, colon, body = text.partition(":")
     if not colon or not head.strip().isdigit():
         raise MptcError(f'{label}: expected "STEP: PASS(…); PASS(…)", got {text!r}',
@@ -222,8 +225,6 @@ def check_growth(events: list[GrowthEvent], spec: S.Spec, steps: int, at: int = 
     """Refuse, before training, a schedule that cannot run: a step outside 0 … steps - 1 (or before `at`,
     the step a resumed run starts from), or a pass that the model, as grown by the entries before it,
     refuses. Runs every pass's `requires` (and its size check) on a meta-device model: nothing is allocated."""
-    from .passes import PassError
-
     for e in events:
         if e.step >= steps:
             raise MptcError(f"{e.label}: step {e.step} is not before the last step (--steps {steps}): nothing would "
@@ -264,10 +265,17 @@ class Trainer:
     """One training run: model, data split, optimizer, schedule and RNG state; `run()` trains."""
 
     def __init__(self, model: fx.GraphModule, tokens: Tensor, config: TrainConfig,
-                 tokenizer: str | Path | None = None, *, step: int = 0, log: dict | None = None):
+                 tokenizer: str | Path | None = None, *, step: int = 0, log: dict | None = None,
+                 optimizer: dict | None = None, shard: str = "ddp"):
         """tokenizer: the tokenizer.json `tokens` were made with (None: bytes), kept in checkpoints.
-        step, log: where a resumed run stands (growth already done is not done again)."""
+        step, log, optimizer: where a resumed run stands (growth already done is not done again).
+        shard: in a torch.distributed process group, "ddp" (replicated weights) or "fsdp" (FSDP2)."""
         config.check()
+        D.check_shard(shard)
+        if D.active():
+            D.check_batch(config.batch)
+        self.device = D.device()
+        model = model.to(self.device)
         schedule = parse_growth(list(config.growth))
         spec = spec_of(model)
         self.tokenizer_json, vocab = None, BYTE_VOCAB
@@ -291,6 +299,8 @@ class Trainer:
         self.grans = granularities(spec)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = self._optimizer(self.params)
+        if optimizer is not None:
+            self.opt.load_state_dict(optimizer)
         self.gen = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(config.seed)  # dropout
         self.step = step
@@ -302,6 +312,49 @@ class Trainer:
             self.log["tokenizer"] = {"file": TOKENIZER_FILE, "vocab": vocab, "from": str(tokenizer)}
         self.pending = _not_done(schedule, self.log["growth"])  # growth still to come, in step order
         check_growth(self.pending, spec, config.steps, self.step)
+        self.shard = shard if D.active() else None  # None: one process, no wrapper
+        self.log["world_size"], self.log["shard"] = D.world_size(), self.shard
+        self._wrap()
+
+    # --- several processes ---------------------------------------------------------------
+
+    def _wrap(self) -> None:
+        """Wrap the model for the process group: DDP shares its parameters; FSDP2 shards them in place,
+        and the optimizer is rebuilt over the shards with its state split the same way."""
+        self.ddp = None
+        if self.shard == "ddp":
+            self.ddp = D.wrap_ddp(self.model)
+        elif self.shard == "fsdp":
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            self.param_names = [names[id(p)] for p in self.params]  # FSDP2 swaps the module's own in and out
+            whole = self.opt.state_dict()
+            D.shard_fsdp(self.model)
+            self.params = [dict(self.model.named_parameters())[n] for n in self.param_names]
+            self.opt = self._optimizer(self.params)
+            order = [p for g in self.opt.param_groups for p in g["params"]]
+            for i, s in whole["state"].items():
+                self.opt.state[order[i]] = {k: D.shard_like(v, order[i]) for k, v in s.items()}
+
+    def _plain(self) -> tuple[fx.GraphModule, torch.optim.Optimizer]:
+        """The model and optimizer as one process holds them: whole tensors (gathered under FSDP, a
+        collective every rank calls), the parameters in the optimizer's order."""
+        if self.shard != "fsdp":
+            return self.model, self.opt
+        model = build(self.spec, D.full_model_state(self.model)).to(self.device)
+        opt = self._optimizer([dict(model.named_parameters())[n] for n in self.param_names])
+        opt.load_state_dict(D.full_optimizer_state(self.opt))
+        return model, opt
+
+    def _sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP averages gradients over ranks at the last backward of a step only (MatFormer sums several)."""
+        return self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+
+    def _held_out(self, batches: list[Tensor], choice: Choice | None = None) -> float:
+        """The held-out loss of the global `batches`: each rank evaluates its slice, the mean is global."""
+        if self.shard is None:
+            return evaluate(self.model, [x.to(self.device) for x in batches], choice)
+        local = [D.local_slice(x).to(self.device) for x in batches]
+        return D.mean([evaluate(self.model, local, choice)])[0]
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
         """AdamW over `params`: weight decay on matrices, none on norms and biases."""
@@ -313,14 +366,15 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------
 
     @classmethod
-    def resume(cls, path: str | Path, tokens: Tensor, **overrides) -> Trainer:
+    def resume(cls, path: str | Path, tokens: Tensor, shard: str = "ddp", **overrides) -> Trainer:
         """The trainer saved in checkpoint dir `path`, ready to go on; `overrides` change config fields
-        (e.g. steps=… to train longer). The interrupted run's `stop_at` is dropped unless given again."""
+        (e.g. steps=… to train longer). The interrupted run's `stop_at` is dropped unless given again.
+        A checkpoint holds whole tensors: any number of processes (and either `shard`) resumes it."""
         path = Path(path)
         if not (path / TRAINER_FILE).is_file():
             raise MptcError(f"{path} is not a training checkpoint (no {TRAINER_FILE})",
                             hint="resume from the -o dir of an earlier `mptc train`")
-        state = torch.load(path / TRAINER_FILE, weights_only=True)
+        state = torch.load(path / TRAINER_FILE, weights_only=True, map_location="cpu")
         overrides.setdefault("stop_at", None)
         known = {f.name for f in fields(TrainConfig)}
         bad = set(overrides) - known
@@ -328,20 +382,25 @@ class Trainer:
             raise MptcError(f"unknown training options: {', '.join(sorted(bad))}")
         config = TrainConfig(**{**{k: v for k, v in state["config"].items() if k in known}, **overrides})
         tokenizer = path / TOKENIZER_FILE if (path / TOKENIZER_FILE).is_file() else None
-        t = cls(load_model(path), tokens, config, tokenizer, step=state["step"], log=state["log"])
-        t.opt.load_state_dict(state["optimizer"])
+        t = cls(load_model(path), tokens, config, tokenizer, step=state["step"], log=state["log"],
+                optimizer=state["optimizer"], shard=shard)
         t.gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         t.log["config"] = asdict(config)
         return t
 
     def save(self, out: str | Path) -> Path:
-        """Write the checkpoint dir `out` atomically (model dir + trainer.pt + log.json)."""
-        state = {"step": self.step, "config": asdict(self.config), "optimizer": self.opt.state_dict(),
+        """Write the checkpoint dir `out` atomically (model dir + trainer.pt + log.json). In a process
+        group only rank 0 writes (whole tensors, whatever the sharding); the others wait for it."""
+        model, opt = self._plain()
+        if not D.is_main():
+            D.barrier()
+            return Path(out)
+        state = {"step": self.step, "config": asdict(self.config), "optimizer": opt.state_dict(),
                  "schedule": {"kind": "warmup+cosine", "next_lr": self.lr_at(self.step)},
                  "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "log": self.log}
         with atomic_dir(out, kind="model") as tmp:  # a checkpoint replaces only a model dir or checkpoint
-            save(self.model, tmp / "model")
+            save(model, tmp / "model")
             for f in (tmp / "model").iterdir():
                 f.rename(tmp / f.name)
             (tmp / "model").rmdir()
@@ -349,6 +408,7 @@ class Trainer:
             if self.tokenizer_json is not None:
                 (tmp / TOKENIZER_FILE).write_text(self.tokenizer_json, encoding="utf-8")
             (tmp / LOG_FILE).write_text(json.dumps(self.log, indent=1) + "\n")
+        D.barrier()
         return Path(out)
 
     # --- training ------------------------------------------------------------------------
@@ -359,18 +419,22 @@ class Trainer:
         names = list(self.grans)
         if c.nested == "sample" and len(names) > 1:
             names = [names[int(torch.randint(len(names), (1,), generator=self.gen))]]
-        x = windows(self.train_tokens, c.batch, self.seq + 1, self.gen).long()  # (B, T + 1)
+        x = windows(self.train_tokens, c.batch, self.seq + 1, self.gen).long()  # (B, T + 1), the same on every rank
+        x = D.local_slice(x).to(self.device)  # (B / world, T + 1): this rank's rows
+        net = self.ddp or self.model
         lr = self.lr_at(self.step)
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         losses = {}
-        for name in names:  # MatFormer: gradients of every granularity accumulate, then one step
-            with as_choice(self.model, self.grans[name]):
-                loss = lm_loss(self.model(input_ids=x[:, :-1]), x[:, 1:])
+        for i, name in enumerate(names):  # MatFormer: gradients of every granularity accumulate, then one step
+            with self._sync(i == len(names) - 1), as_choice(self.model, self.grans[name]):
+                loss = lm_loss(net(input_ids=x[:, :-1]), x[:, 1:])
                 loss.backward()
             losses[name] = loss.item()
-        norm = torch.nn.utils.clip_grad_norm_(self.params, c.clip if c.clip > 0 else math.inf)
+        if self.shard is not None:  # equal slices: the mean of the ranks' means is the global batch's mean
+            losses = dict(zip(losses, D.mean(list(losses.values())), strict=True))
+        norm = D.full(torch.nn.utils.clip_grad_norm_(self.params, c.clip if c.clip > 0 else math.inf))
         self.opt.step()
         self.step += 1
         return {"step": self.step, "loss": sum(losses.values()), "losses": losses, "lr": lr,
@@ -391,17 +455,17 @@ class Trainer:
     def grow(self, event: GrowthEvent) -> dict:
         """Run `event`'s passes on the live model (verified), grow the optimizer state with it, and
         log params and the loss of one fixed held-out batch (eval mode) just before and after."""
-        from .passes import Pipeline
-
         probe = self.eval_x[:1]  # [(B, T + 1)]
-        before, n_before = evaluate(self.model, probe), _count(self.model)
+        before, n_before = self._held_out(probe), _count(self.model)
         t0 = time.perf_counter()
+        plain, opt = self._plain()  # every rank grows the same whole model: same passes, same seeds
         with torch.random.fork_rng(devices=[]):  # the dropout stream does not see the growth
-            model, report = Pipeline(event.passes)(self.model, optimizer=self.opt)
+            model, report = Pipeline(event.passes)(plain, optimizer=opt)
         self._adopt(model, report.optimizer)
+        self._wrap()
         entry = {"step": self.step, "text": event.text, "passes": [r.call for r in report.passes],
-                 "params_before": n_before, "params_after": _count(model), "loss_before": before,
-                 "loss_after": evaluate(model, probe), "seconds": round(time.perf_counter() - t0, 3)}
+                 "params_before": n_before, "params_after": _count(self.model), "loss_before": before,
+                 "loss_after": self._held_out(probe), "seconds": round(time.perf_counter() - t0, 3)}
         self.log["growth"].append(entry)
         return entry
 
@@ -421,7 +485,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Held-out loss of every granularity at the current step; appended to the log."""
-        losses = {n: evaluate(self.model, self.eval_x, ch) for n, ch in self.grans.items()}
+        losses = {n: self._held_out(self.eval_x, ch) for n, ch in self.grans.items()}
         entry = {"step": self.step, "losses": losses}
         self.log["eval"].append(entry)
         return entry
@@ -458,8 +522,6 @@ class Trainer:
 
     def _report_growth(self, g: dict, console) -> None:
         if console is not None:
-            from .summary import human
-
             console.print(f"step {g['step']:>6}  grew: {'; '.join(g['passes'])}  {human(g['params_before'])} → "
                           f"{human(g['params_after'])} parameters; fixed-batch loss {g['loss_before']:.6f} → "
                           f"{g['loss_after']:.6f}")

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from .errors import MptcError
-from .export import example_inputs, run_onnx
+from .export import run_onnx
+from .inputs import example_inputs
 from .model import load, load_model
 
 

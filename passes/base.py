@@ -11,16 +11,24 @@ import torch
 from torch import fx
 
 from mptc import spec as S
+from mptc.dims import sizes
 from mptc.errors import MptcError
-from mptc.lower import sizes
+from mptc.graph import param_info, spec_of
 from mptc.memory import INT64_MAX, check_fits, count_params, sci
-from mptc.model import param_info, spec_of
 
 from .engine import Certificate, Change, Init, remap
 
 
 class PassError(MptcError):
     """A pass cannot apply, or its result failed a check; nothing is written."""
+
+
+class PassRefused(PassError):  # noqa: N818 (the name says what happened)
+    """The pass does not apply to this model (its `requires`, or its arguments, say why)."""
+
+
+class CheckFailed(PassError):  # noqa: N818
+    """The pass ran, but its result failed a check (well-formedness, certificate or behaviour)."""
 
 
 @dataclass
@@ -30,20 +38,22 @@ class Pass:
     name: ClassVar[str] = "pass"
     exact: ClassVar[bool] = True  # the function is preserved: equal to `reference(old)`'s
     f32_tol: ClassVar[float] = 1e-5
+    handles: ClassVar[frozenset[str]] = frozenset()  # the parameter roles (`lower.Role`) it knows how to rewrite
 
     def __post_init__(self):
         init = getattr(self, "init", None)
         if isinstance(init, str):
             self.init = Init(init)
         if isinstance(getattr(self, "init", None), Init) and self.init.kind not in ("zeros", "normal", "copy"):
-            raise PassError(f"{self.name}: unknown init '{self.init.kind}'", hint="use zeros, normal(std = …) or copy")
+            raise PassRefused(f"{self.name}: unknown init '{self.init.kind}'",
+                              hint="use zeros, normal(std = …) or copy")
         for f in fields(self):
             problem = argument_problem(f.name, getattr(self, f.name))
             if problem:
-                raise PassError(f"{self.name}: {problem}")
+                raise PassRefused(f"{self.name}: {problem}")
         std = self.init.std if isinstance(getattr(self, "init", None), Init) else None
         if std is not None and not (math.isfinite(std) and std >= 0):
-            raise PassError(f"{self.name}: std must be a finite non-negative number, got {std}")
+            raise PassRefused(f"{self.name}: std must be a finite non-negative number, got {std}")
 
     def params(self) -> dict:
         out = {}
@@ -69,7 +79,13 @@ class Pass:
         return f"{self.name}({', '.join(args)})"
 
     def requires(self, model: fx.GraphModule) -> None:
-        """Raise PassError, saying why and what would work, if the pass cannot apply."""
+        """Raise PassError, saying why and what would work, if the pass cannot apply. Here: refuse a
+        model holding a parameter whose role is not in `handles` (subclasses call this first)."""
+        for name, info in param_info(model).items():
+            if info.role not in self.handles:
+                raise PassRefused(f"{self.name} does not know how to rewrite {name} ({info.describe()})",
+                                  hint=f"{self.name} rewrites only the parameter roles it declares (`handles`), "
+                                  f"and {info.role} is not one of them; use another pass, or leave that part out")
 
     def change(self, model: fx.GraphModule) -> Change:
         raise NotImplementedError
@@ -158,5 +174,5 @@ def layer_list(model: fx.GraphModule, layers: list[int] | int | None, what: str)
     layers = [layers] if isinstance(layers, int) else list(layers)
     for i in layers:
         if not isinstance(i, int) or isinstance(i, bool) or not -n <= i < n:
-            raise PassError(f"{what}: layer {i} is out of range; the model has {n} layers (0..{n - 1})")
+            raise PassRefused(f"{what}: layer {i} is out of range; the model has {n} layers (0..{n - 1})")
     return sorted({i % n for i in layers})

@@ -18,9 +18,11 @@ import torch
 from torch import Tensor, fx
 
 from mptc import spec as S
+from mptc.dims import sizes
 from mptc.errors import MptcError
-from mptc.lower import NodeInfo, sizes
-from mptc.model import build, param_info, spec_of
+from mptc.graph import param_info, spec_of
+from mptc.lower import IO, NodeInfo, Role
+from mptc.model import build
 
 # --- the coupling graph ----------------------------------------------------------------
 
@@ -100,7 +102,7 @@ class TensorClaim:
     old_shape: tuple[int, ...] | None
     new_shape: tuple[int, ...]
     srcs: list[Tensor | None]  # per axis: the source map (None: unchanged axis)
-    scale: float = 1.0  # old entries are multiplied by this
+    scale: float | Tensor = 1.0  # old entries are multiplied by this: one factor, or one per entry (see `along`)
     zero: list[bool] = field(default_factory=list)  # per axis: its new entries are zero
     all_zero: bool = False  # the whole tensor is new and zero
     fresh: bool = False  # a new tensor (copy source, if any, is `source`)
@@ -121,15 +123,45 @@ class TensorClaim:
                 out.append(f"axis {ax}: slice keeping {n_unique} of {self.old_shape[ax]}")
             if n_unique < len(kept):
                 out.append(f"axis {ax}: {len(kept) - n_unique} copies")
-            if not torch.equal(kept, kept.sort().values):
+            firsts = kept if n_unique == len(kept) else torch.tensor(list(dict.fromkeys(kept.tolist())))
+            if not torch.equal(firsts, firsts.sort().values):  # copies alone (appended or repeated) keep the order
                 out.append(f"axis {ax}: permutation")
-        if self.scale != 1.0:
+        if isinstance(self.scale, Tensor):
+            ax, groups = scale_groups(self.scale)
+            parts = [f"×{f:.9g} on {'rest' if i == len(groups) - 1 and len(groups) > 1 else _entries(at)}"
+                     for i, (f, at) in enumerate(groups)]
+            out.append(f"old entries scaled per entry along axis {ax}: " + ", ".join(parts))
+        elif self.scale != 1.0:
             out.append(f"old entries scaled ×{self.scale:.9g}")
         return out
 
     def to_json(self) -> dict:
-        return {"tensor": self.name, "from": self.source, "old_shape": self.old_shape, "new_shape": self.new_shape,
-                "claims": self.kinds()}
+        out = {"tensor": self.name, "from": self.source, "old_shape": self.old_shape, "new_shape": self.new_shape,
+               "claims": self.kinds()}
+        if isinstance(self.scale, Tensor):  # per entry: each factor and the new-axis entries it applies to
+            ax, groups = scale_groups(self.scale)
+            out["scale"] = {"axis": ax, "factors": [  # the entries of each factor but the most common (the rest)
+                {"factor": f, "count": len(at)} | ({"entries": at} if i < len(groups) - 1 else {})
+                for i, (f, at) in enumerate(groups)]}
+        return out
+
+
+MAX_LISTED = 16  # entries listed by index in a per-entry scale's description
+
+
+def _entries(at: list[int]) -> str:
+    n = len(at)
+    shown = ", ".join(map(str, at[:MAX_LISTED])) + (", …" if n > MAX_LISTED else "")
+    return f"{n} {'entry' if n == 1 else 'entries'} ({shown})"
+
+
+def scale_groups(scale: Tensor) -> tuple[int, list[tuple[float, list[int]]]]:
+    """A per-entry scale as (its axis, [(factor, the new-axis entries it scales)]): the most common factor last."""
+    ax = next((a for a, n in enumerate(scale.shape) if n > 1), scale.dim() - 1)
+    v = scale.flatten()
+    values, counts = v.unique(return_counts=True)
+    order = sorted(range(len(values)), key=lambda i: (-int(counts[i]), float(values[i])))[::-1]
+    return ax, [(float(values[i]), (v == values[i]).nonzero().flatten().tolist()) for i in order]
 
 
 @dataclass
@@ -226,9 +258,8 @@ def check_claim(c: TensorClaim, old: Tensor | None, new: Tensor) -> str | None:
         return None
     assert old is not None
     new_sel, old_sel = kept_entries(c.srcs)
-    if not _same(take(new, new_sel), scaled(take(old, old_sel), c.scale, new.dtype)):
-        return f"{c.name}: the entries taken from {c.source} differ from it" + \
-            (f" × {c.scale:.6g}" if c.scale != 1.0 else "")
+    if not _same(take(new, new_sel), scaled(take(old, old_sel), scale_at(c.scale, new_sel), new.dtype)):
+        return f"{c.name}: the entries taken from {c.source} differ from it" + _times_text(c.scale)
     for ax, z in enumerate(c.zero):
         fresh = new_entries(c.srcs[ax]) if z else None
         if fresh is not None:
@@ -236,6 +267,64 @@ def check_claim(c: TensorClaim, old: Tensor | None, new: Tensor) -> str | None:
             if n:
                 return f"{c.name}: the new entries of axis {ax} should be zero, {n} are not"
     return None
+
+
+def _times_text(scale: float | Tensor) -> str:
+    if isinstance(scale, Tensor):
+        ax, groups = scale_groups(scale)
+        return f" × its claimed per-entry scale along axis {ax} (" + ", ".join(
+            f"×{f:.6g} on {len(at)}" for f, at in groups) + " entries)"
+    return f" × {scale:.6g}" if scale != 1.0 else ""
+
+
+# --- per-entry scales ------------------------------------------------------------------
+
+
+def along(info: NodeInfo, symbol: str, factors: Tensor) -> Tensor | float:
+    """A per-entry scale for a tensor (what `Change.scale` returns): `factors[j]` multiplies the old
+    entries at index j of the tensor's axis sized by `symbol` (indices of the new axis); 1.0 where
+    the tensor has no such axis.
+
+        scale = lambda name, info: along(info, "F[0]", halves) if info.role == "mlp.down" else 1.0
+    """
+    axes = [ax for ax, syms in enumerate(info.axes) if syms == (symbol,)]
+    if not axes:
+        if any(symbol in syms for syms in info.axes):
+            raise MptcError(f"a per-entry scale along {symbol}: its axis is a product of symbols, "
+                            f"{[list(a) for a in info.axes]}", hint="scale along an axis that is one symbol")
+        return 1.0
+    shape = [1] * len(info.axes)
+    shape[axes[0]] = -1
+    return factors.to(torch.float64).reshape(shape)
+
+
+def scale_of(scale: float | Tensor, shape: tuple[int, ...], name: str) -> float | Tensor:
+    """A pass's scale for one tensor, checked: a number, or a float64 tensor broadcastable to `shape`
+    that varies along one axis at most (a uniform tensor becomes its number)."""
+    if not isinstance(scale, Tensor):
+        return float(scale)
+    t = scale.detach().to(torch.float64, copy=True)
+    t = t.reshape((1,) * (len(shape) - t.dim()) + tuple(t.shape)) if t.dim() <= len(shape) else t
+    ok = t.dim() == len(shape) and all(n in (1, m) for n, m in zip(t.shape, shape, strict=True))
+    if not ok or sum(n > 1 for n in t.shape) > 1:
+        raise MptcError(f"{name}: a per-entry scale of shape {tuple(scale.shape)} does not fit the tensor's shape "
+                        f"{shape} along one axis", hint="build it with passes.along(info, symbol, factors)")
+    if not bool(torch.isfinite(t).all()):
+        raise MptcError(f"{name}: a per-entry scale holds NaN or infinite factors")
+    first = t.flatten()[0] if t.numel() else torch.tensor(1.0, dtype=torch.float64)
+    return float(first) if bool((t == first).all()) else t
+
+
+def scale_at(scale: float | Tensor, sel: list[Sel]) -> float | Tensor:
+    """The factors of a per-entry scale at the new tensor's positions `sel` (a number: itself)."""
+    if not isinstance(scale, Tensor):
+        return scale
+    return take(scale, [s if n > 1 else slice(None) for s, n in zip(sel, scale.shape, strict=True)])
+
+
+def is_one(scale: float | Tensor) -> bool:
+    """The scale leaves old entries as they are."""
+    return not isinstance(scale, Tensor) and scale == 1.0
 
 
 # --- the rewrite -----------------------------------------------------------------------
@@ -263,9 +352,10 @@ class Change:
 
     spec: S.Spec
     maps: dict[str, Tensor] = field(default_factory=dict)  # symbol → source map
-    zero_side: str | None = None  # new entries along axes of this io kind ("out" | "in") are zero
-    zero_roles: frozenset[str] = frozenset()  # new entries of tensors with these roles are zero
-    scale: Callable[[str, NodeInfo], float] | None = None  # factor for a tensor's old entries
+    zero_side: IO | None = None  # new entries along axes of this io kind (IO.OUT | IO.IN) are zero
+    zero_roles: frozenset[Role] = frozenset()  # new entries of tensors with these roles are zero
+    # factor for a tensor's old entries: a number, or one per entry along an axis (`along`)
+    scale: Callable[[str, NodeInfo], float | Tensor] | None = None
     origin: Callable[[str], tuple[str | None, bool]] | None = None  # new name → (old name, is fresh)
     init: Init = field(default_factory=Init)
     layer_origin: dict[int, int] | None = None  # new layer index → old one, where layers move
@@ -292,7 +382,8 @@ def remap(model: fx.GraphModule, change: Change) -> tuple[fx.GraphModule, Certif
     old_sizes, new_sizes = change.old_sizes(sizes(old_spec)), sizes(change.spec)
     for s, m in change.maps.items():
         if m.numel() != new_sizes.get(s, -1):
-            raise AssertionError(f"map of {s} has {m.numel()} entries, the new spec needs {new_sizes.get(s)}")
+            raise MptcError(f"the source map of {s} has {m.numel()} entries, the new spec needs {new_sizes.get(s)}",
+                            hint="a map has one entry per index of the new axis (the old index, or -1 for a new one)")
     out = build(change.spec, device="meta")  # the new graph; its parameters are filled below
     gen = torch.Generator().manual_seed(change.init.seed)
     dtype = next(iter(old_sd.values())).dtype
@@ -305,7 +396,9 @@ def remap(model: fx.GraphModule, change: Change) -> tuple[fx.GraphModule, Certif
         old = old_sd.get(src_name) if src_name else None
         srcs = [_axis_src(ax, change.maps, old_sizes, new_sizes) for ax in info.axes]
         scale = change.scale(name, info) if change.scale and not fresh else 1.0
-        if not fresh and old is not None and all(s is None for s in srcs) and scale == 1.0:
+        if isinstance(scale, Tensor):
+            scale = scale_of(scale, shape, name)
+        if not fresh and old is not None and all(s is None for s in srcs) and is_one(scale):
             new_sd[name] = old
             cert.kept[name] = src_name
             continue
@@ -319,7 +412,7 @@ def remap(model: fx.GraphModule, change: Change) -> tuple[fx.GraphModule, Certif
                         [z and not fresh for z in zero_axes], change.init, std, gen, dtype)
         if not fresh:
             new_sel, old_sel = kept_entries(srcs)
-            put(new, new_sel, scaled(take(old, old_sel), scale, dtype))
+            put(new, new_sel, scaled(take(old, old_sel), scale_at(scale, new_sel), dtype))
         new_sd[name] = new
         cert.claims.append(TensorClaim(name, src_name, tuple(old.shape) if old is not None else None, shape,
                                        srcs, scale, zero_axes, all_zero, fresh))
@@ -328,8 +421,11 @@ def remap(model: fx.GraphModule, change: Change) -> tuple[fx.GraphModule, Certif
     return out, cert
 
 
-def scaled(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
-    """x × scale, computed in float64 and rounded once to `dtype` (how both pass and check do it)."""
+def scaled(x: Tensor, scale: float | Tensor, dtype: torch.dtype) -> Tensor:
+    """x × scale (a number, or factors broadcastable to x), computed in float64 and rounded once
+    to `dtype` (how both pass and check do it)."""
+    if isinstance(scale, Tensor):
+        return (x.to(torch.float64) * scale).to(dtype)
     return x.to(dtype) if scale == 1.0 else (x.to(torch.float64) * scale).to(dtype)
 
 

@@ -19,12 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx
 
-from mptc import nested as N
+from mptc import choice as C
 from mptc import spec as S
-from mptc.model import spec_of
+from mptc.graph import spec_of
+from mptc.lower import Role
+from mptc.nested import granularity
 
 from .base import Pass, PassError, layer_list
 from .engine import Change
+from .grow import KNOWN_ROLES
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Extract(Pass):
     """A sub-network as a smaller model: MLP units and kv groups to a prefix, dropped layers removed."""
 
     name = "extract"
+    handles = KNOWN_ROLES
     f32_tol = 1e-6
     mlp: str | None = None  # one granularity for every nested MLP: s, m, l, xl or a fraction
     mix: str | None = None  # Mix'n'Match: one MLP granularity per layer, "s,s,m,l"
@@ -39,28 +43,29 @@ class Extract(Pass):
     drop_layers: list[int] | None = None
     task: str | None = None  # a sub-network named in the spec's `tasks`
 
-    def choice(self, model: fx.GraphModule) -> N.Choice:
+    def choice(self, model: fx.GraphModule) -> C.Choice:
         spec = spec_of(model)
         if self.task is not None:
             if any(x is not None for x in (self.mlp, self.mix, self.heads, self.drop_layers)):
                 raise PassError("extract: a task names its own sub-network; give the task or the granularities")
-            c = N.task_choice(spec, self.task)
+            c = C.task_choice(spec, self.task)
         else:
-            c = N.parse_choice(spec, self.mix, mlp=self.mlp, heads=self.heads, skip=self.drop_layers or ())
+            c = C.parse_choice(spec, self.mix, mlp=self.mlp, heads=self.heads, skip=self.drop_layers or ())
         if c.is_full:
             raise PassError("extract: this choice is the whole model", hint="pick a smaller granularity, e.g. "
                             "mlp = s, or layers to drop")
         return c
 
     def requires(self, model):
+        super().requires(model)
         self.choice(model)
 
     def change(self, model):
         spec = spec_of(model)
         choice = self.choice(model)
-        new = N.sub_spec(spec, choice)
+        new = C.sub_spec(spec, choice)
         kept = [i for i in range(spec.n_layers) if i not in choice.skip]
-        sizes = N.active_sizes(spec, choice)
+        sizes = C.active_sizes(spec, choice)
         maps = {}
         for new_i, old_i in enumerate(kept):
             f, h, g = sizes[old_i]
@@ -74,7 +79,7 @@ class Extract(Pass):
         return Change(new, maps, origin=lambda name: (_renamed(name, origin), False), layer_origin=origin)
 
     def reference(self, old):
-        return N.granularity(old, self.choice(old))
+        return granularity(old, self.choice(old))
 
 
 def _renamed(name: str, origin: dict[int, int]) -> str:
@@ -89,12 +94,14 @@ class Reorder(Pass):
     """Permute MLP units and heads so the most important come first (exact)."""
 
     name = "reorder"
+    handles = KNOWN_ROLES
     by: str = "weight"  # weight | activation
     what: str = "both"  # mlp | heads | both
     layers: list[int] | None = None
     calibration: list[dict] | None = None  # for by = activation: input batches (model kwargs)
 
     def requires(self, model):
+        super().requires(model)
         if self.by not in ("weight", "activation"):
             raise PassError(f"reorder: unknown score '{self.by}'", hint="by = weight or by = activation")
         if self.what not in ("mlp", "heads", "both"):
@@ -174,8 +181,8 @@ def _activations(model: fx.GraphModule, batches: list[dict]) -> dict[tuple[int, 
     for node in model.graph.nodes:
         info = node.meta.get("mptc")
         if node.op == "call_function" and node.target is torch.nn.functional.linear and info is not None \
-                and info.role in ("mlp.down", "attn.o"):
-            seen[node] = (info.layer, "mlp" if info.role == "mlp.down" else "heads")
+                and info.role in (Role.MLP_DOWN, Role.ATTN_O):
+            seen[node] = (info.layer, "mlp" if info.role == Role.MLP_DOWN else "heads")
 
     class Recorder(fx.Interpreter):
         def run_node(self, n):

@@ -16,11 +16,23 @@ import torch
 from torch import fx
 
 from mptc import spec as S
-from mptc.lower import sizes
-from mptc.model import spec_of
+from mptc.dims import sizes
+from mptc.graph import param_info, spec_of
+from mptc.lower import IO, Role
 
-from .base import Pass, PassError, layer_list, resized_params
+from .base import Pass, PassError, PassRefused, layer_list, resized_params
 from .engine import Change, Init, grouped_grow_map, grow_map
+
+# The parameter roles these rules were written and checked for. A role the language gains later is
+# unknown to every pass (refused in `requires`) until it is listed here and tested.
+KNOWN_ROLES: frozenset[Role] = frozenset({
+    Role.MODULATE, Role.HYPER, Role.EMBED_TOKENS, Role.EMBED_SEGMENTS, Role.EMBED_PATCH, Role.EMBED_CLS,
+    Role.EMBED_MODALITY, Role.EMBED_POSITIONS, Role.EMBED_EXPERTS, Role.EMBED_GATE, Role.EMBED_CONDITION,
+    Role.EMBED_ADAPTIVE, Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O, Role.MLP_UP, Role.MLP_GATE,
+    Role.MLP_DOWN, Role.HEAD_OUT, Role.HEAD_POOLER, Role.HEAD_TRANSFORM, Role.NORM_EMBED, Role.NORM_ATTN,
+    Role.NORM_MLP, Role.NORM_HEAD, Role.NORM_TRANSFORM,
+    Role.NORM_Q, Role.NORM_K,  # q/k norms run over K: kept by every pass but grow_qk, which refuses them
+})
 
 
 def _not_nested(what: str, spec: S.Spec, i: int, block: str) -> None:
@@ -53,6 +65,7 @@ class GrowMLP(Pass):
     """F[l] ↑: new hidden units; their input rows (up, gate) free, their output columns zero."""
 
     name = "grow_mlp"
+    handles = KNOWN_ROLES
     hidden: int | None = None
     factor: float | None = None
     layers: list[int] | None = None
@@ -72,6 +85,7 @@ class GrowMLP(Pass):
         return out
 
     def requires(self, model):
+        super().requires(model)
         self._targets(model)
 
     def new_spec(self, model):
@@ -82,7 +96,7 @@ class GrowMLP(Pass):
     def change(self, model):
         spec, t = spec_of(model), self._targets(model)
         maps = {f"F[{i}]": grow_map(spec.layers[i].mlp.hidden, n) for i, n in t.items()}
-        return Change(self.new_spec(model), maps, zero_side="in", init=self.init)
+        return Change(self.new_spec(model), maps, zero_side=IO.IN, init=self.init)
 
 
 @dataclass
@@ -96,6 +110,7 @@ class AddHeads(Pass):
     """
 
     name = "add_heads"
+    handles = KNOWN_ROLES
     n: int = 1
     layers: list[int] | None = None
     mode: str | None = None  # join | kv
@@ -127,6 +142,7 @@ class AddHeads(Pass):
         return plan
 
     def requires(self, model):
+        super().requires(model)
         self._plan(model)
 
     def new_spec(self, model):
@@ -144,7 +160,7 @@ class AddHeads(Pass):
             else:
                 maps[f"H[{i}]"] = grow_map(a.heads, h)
                 maps[f"G[{i}]"] = grow_map(a.kv_heads, g)
-        return Change(new, maps, zero_side="in", init=self.init)
+        return Change(new, maps, zero_side=IO.IN, init=self.init)
 
 
 @dataclass
@@ -152,6 +168,7 @@ class AddKVHeads(Pass):
     """G[l] ↑ by splitting each kv group: the new kv heads duplicate their group's (exact)."""
 
     name = "add_kv_heads"
+    handles = KNOWN_ROLES
     n: int = 1
     layers: list[int] | None = None
 
@@ -171,6 +188,7 @@ class AddKVHeads(Pass):
         return plan
 
     def requires(self, model):
+        super().requires(model)
         self._plan(model)
 
     def new_spec(self, model):
@@ -189,11 +207,13 @@ class GrowHeadDim(Pass):
     """Dv[l] ↑: new value columns free; the matching rows of the output projection zero."""
 
     name = "grow_head_dim"
+    handles = KNOWN_ROLES
     value: int = 0
     layers: list[int] | None = None
     init: Init = field(default_factory=Init)
 
     def requires(self, model):
+        super().requires(model)
         spec = spec_of(model)
         for i in layer_list(model, self.layers, self.name):
             _not_smaller(self.name, "value dim", spec.layers[i].attention.value_dim, self.value, i)
@@ -206,7 +226,7 @@ class GrowHeadDim(Pass):
     def change(self, model):
         spec, ls = spec_of(model), layer_list(model, self.layers, self.name)
         maps = {f"Dv[{i}]": grow_map(spec.layers[i].attention.value_dim, self.value) for i in ls}
-        return Change(self.new_spec(model), maps, zero_side="in", init=self.init)
+        return Change(self.new_spec(model), maps, zero_side=IO.IN, init=self.init)
 
 
 @dataclass
@@ -216,15 +236,23 @@ class GrowQK(Pass):
     dims and their frequencies are unchanged)."""
 
     name = "grow_qk"
+    handles = KNOWN_ROLES
     dim: int = 0
     layers: list[int] | None = None
     init: Init = field(default_factory=Init)
 
     def requires(self, model):
+        super().requires(model)
         spec = spec_of(model)
         for i in layer_list(model, self.layers, self.name):
             a = spec.layers[i].attention
             _not_smaller(self.name, "query/key dim", a.head_dim, self.dim, i)
+            if a.qk_norm is not None:
+                raise PassRefused(
+                    f"grow_qk cannot grow layers.{i}.attn.q_norm.weight (a norm over K[{i}]) exactly: the new query "
+                    f"dims are free, so they change the statistics the q/k norm divides by, and the norm undoes "
+                    f"the √(K'/K) key rescale that keeps the logits", hint="grow the layers without a q/k norm "
+                    "(layers = …), or add heads (add_heads) to grow attention")
             if spec.embed.positions.kind == "rope" and (self.dim - a.head_dim) % 2:
                 raise PassError(f"grow_qk: layer {i} uses rotary embeddings, which work on pairs of dimensions; "
                                 f"{a.head_dim} → {self.dim} adds an odd number",
@@ -246,24 +274,31 @@ class GrowQK(Pass):
         spec, ls, new = spec_of(model), layer_list(model, self.layers, self.name), self.new_spec(model)
         maps = {f"K[{i}]": grow_map(spec.layers[i].attention.head_dim, self.dim) for i in ls}
         factors = {i: math.sqrt(self.dim / spec.layers[i].attention.head_dim) for i in ls}
-        return Change(new, maps, zero_roles=frozenset({"attn.k"}), init=self.init,
-                      scale=lambda name, info: factors[info.layer] if info.role == "attn.k" and
+        return Change(new, maps, zero_roles=frozenset({Role.ATTN_K}), init=self.init,
+                      scale=lambda name, info: factors[info.layer] if info.role == Role.ATTN_K and
                       info.layer in factors else 1.0)
 
 
 @dataclass
 class GrowWidth(Pass):
     """D ↑: new embedding columns and every residual writer's new rows zero, readers' new
-    columns free; RMSNorm gains × √(D/D') and eps × D/D', so the result is exact. LayerNorm
-    models are refused: zero padding changes their mean and variance."""
+    columns free; gains of RMSNorms over D × √(D/D') and eps × D/D', so the result is exact.
+    Norms over other symbols (q/k norms over K) read values the growth leaves unchanged, so they
+    are kept. LayerNorm over D is refused: zero padding changes its mean and variance."""
 
     name = "grow_width"
+    handles = KNOWN_ROLES
     width: int = 0
     init: Init = field(default_factory=Init)
 
     def requires(self, model):
+        super().requires(model)
         spec = spec_of(model)
         _not_smaller(self.name, "width", spec.width, self.width)
+        for name, info in param_info(model).items():
+            if IO.NORM in info.io and info.norm_over is None:
+                raise PassRefused(f"grow_width does not know how to grow {name} ({info.describe()}): it does not say "
+                                  "which axis it normalises over", hint="only norms over D are rescaled")
         norms = [n for n in _norms(spec) if n is not None]
         if any(n.kind == "layernorm" for n in norms):
             raise PassError("grow_width is not exact for LayerNorm: zero-padded channels change the mean and the "
@@ -286,8 +321,8 @@ class GrowWidth(Pass):
     def change(self, model):
         spec = spec_of(model)
         g = math.sqrt(spec.width / self.width)
-        return Change(self.new_spec(model), {"D": grow_map(spec.width, self.width)}, zero_side="out", init=self.init,
-                      scale=lambda name, info: g if info.io == ("norm",) else 1.0)
+        return Change(self.new_spec(model), {"D": grow_map(spec.width, self.width)}, zero_side=IO.OUT,
+                      init=self.init, scale=lambda name, info: g if info.norm_over == "D" else 1.0)
 
 
 def _shift_task(t: S.Task, at: int, n: int, layers: int) -> S.Task:
@@ -311,6 +346,7 @@ class AddLayers(Pass):
     and MLP down projections) start at zero, so each new block is the identity."""
 
     name = "add_layers"
+    handles = KNOWN_ROLES
     n: int = 1
     at: int | None = None  # insert before this layer index; default: at the end
     init: Init = field(default_factory=Init)
@@ -323,6 +359,7 @@ class AddLayers(Pass):
         return at
 
     def requires(self, model):
+        super().requires(model)
         spec = spec_of(model)
         if self.n < 1:
             raise PassError(f"add_layers needs n ≥ 1, got {self.n}")
@@ -356,7 +393,7 @@ class AddLayers(Pass):
                 return f"layers.{tpl}.{rest}", True
             return f"layers.{j - n}.{rest}", False
 
-        return Change(new, origin=origin, zero_roles=frozenset({"attn.o", "mlp.down"}), init=self.init)
+        return Change(new, origin=origin, zero_roles=frozenset({Role.ATTN_O, Role.MLP_DOWN}), init=self.init)
 
 
 @dataclass
@@ -365,10 +402,12 @@ class GrowVocab(Pass):
     The old tokens' logits are unchanged."""
 
     name = "grow_vocab"
+    handles = KNOWN_ROLES
     vocab: int = 0
     init: Init = field(default_factory=Init)
 
     def requires(self, model):
+        super().requires(model)
         spec = spec_of(model)
         if spec.vocab is None:
             raise PassError("grow_vocab needs a model that reads tokens")
@@ -400,10 +439,12 @@ class GrowContext(Pass):
     change `context`)."""
 
     name = "grow_context"
+    handles = KNOWN_ROLES
     context: int = 0
     init: Init = field(default_factory=Init)
 
     def requires(self, model):
+        super().requires(model)
         spec = spec_of(model)
         if not spec.reads_tokens:
             raise PassError("grow_context applies to token models; an image model's length is set by its patches")

@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx
 
-from mptc.model import spec_of
+from mptc.graph import spec_of
 
-from .base import Pass, PassError
-from .engine import Certificate, TensorClaim, kept_entries, put, take
+from .base import CheckFailed, Pass, PassError, PassRefused
+from .engine import Certificate, TensorClaim, kept_entries, put, scale_at, take
 from .verify import (
     F32_TOL,
     F64_TOL,
@@ -55,23 +55,59 @@ class Pipeline:
 
     After every pass: well-formedness, the certificate, and behaviour (old and new models agree
     on probe batches within 1e-9 in float64 and 1e-5 in float32, relative to max(1, |logit|)).
-    A failed check raises PassError. With `optimizer=` (Adam or AdamW) its state is grown with
-    the parameters and the new optimizer is `report.optimizer`.
+    A pass that does not apply raises PassRefused; a failed check raises CheckFailed (both
+    PassError). With `optimizer=` (Adam or AdamW) its state is grown with the parameters and the
+    new optimizer is `report.optimizer`.
+
+    A pipeline is itself a pass of a pipeline: `Pipeline([Pipeline([a, b]), c])` runs a, b, c,
+    each checked (unless the inner pipeline has check = False), and reports every one.
     """
 
-    def __init__(self, passes: list[Pass], check: bool = True):
+    name = "pipeline"
+
+    def __init__(self, passes: list[Pass | Pipeline], check: bool = True):
         self.passes = list(passes)
         self.check = check
+
+    def __str__(self) -> str:
+        return f"pipeline({', '.join(str(p) for p in self.passes)})"
+
+    def call(self) -> str:
+        return ", ".join(p.call() for p in self.passes)
+
+    def flat(self) -> list[tuple[Pass, bool]]:
+        """The passes in order, nested pipelines opened, each with whether it is checked."""
+        out = []
+        for p in self.passes:
+            out += [(q, self.check and c) for q, c in p.flat()] if isinstance(p, Pipeline) else [(p, self.check)]
+        return out
+
+    def requires(self, model: fx.GraphModule) -> None:
+        """The first pass's preconditions (each later one is checked on the model before it)."""
+        flat = self.flat()
+        if flat:
+            flat[0][0].requires(model)
+
+    def apply(self, model: fx.GraphModule) -> tuple[fx.GraphModule, Report]:
+        """Run the passes, checked: the new model and the report of every pass."""
+        return self(model)
 
     def __call__(self, model: fx.GraphModule, optimizer: torch.optim.Optimizer | None = None
                  ) -> tuple[fx.GraphModule, Report]:
         report = Report()
         carry = Carry()
-        for p in self.passes:
+        for p, check in self.flat():
             t0 = time.perf_counter()
-            new, cert = p.apply(model)
+            try:
+                new, cert = p.apply(model)
+            except (PassRefused, CheckFailed):
+                raise
+            except PassError as e:  # raised by `requires`, `fits` or `change`: the pass does not apply
+                raise PassRefused(e.message, e.span, e.hint) from None
             t1 = time.perf_counter()
-            e64, e32 = self._verify(p, model, new, cert, carry) if self.check else (float("nan"),) * 2
+            e64, e32 = self._verify(p, model, new, cert, carry) if check else (float("nan"),) * 2
+            if not check:
+                carry.keep(None, {})
             t2 = time.perf_counter()
             if optimizer is not None:
                 optimizer = grow_optimizer(optimizer, model, new, cert)
@@ -85,7 +121,7 @@ class Pipeline:
                 ) -> tuple[float, float]:
         problems = well_formed(new) + certificate_problems(old, new, cert)
         if problems:
-            raise PassError(f"{p} produced an inconsistent model: " + "; ".join(problems[:5]))
+            raise CheckFailed(f"{p} produced an inconsistent model: " + "; ".join(problems[:5]))
         if not p.exact:
             carry.keep(None, {})  # nothing checked, nothing to hand on
             return float("nan"), float("nan")
@@ -98,11 +134,11 @@ class Pipeline:
             before = handed.get(dtype) or outputs(old, inputs, dtype, reference)
             after = outputs(new, inputs, dtype, None, ex)
             if bad := nonfinite(before):
-                raise PassError(f"{p} cannot be checked: the model it was given has {bad} NaN or infinite "
+                raise CheckFailed(f"{p} cannot be checked: the model it was given has {bad} NaN or infinite "
                                 f"outputs on the probe batches ({_dtype_name(dtype)})",
                                 hint="its weights hold NaN or inf values, or overflow in this dtype")
             if bad := nonfinite(after):
-                raise PassError(f"{p} produced a model with {bad} NaN or infinite outputs on the probe batches "
+                raise CheckFailed(f"{p} produced a model with {bad} NaN or infinite outputs on the probe batches "
                                 f"({_dtype_name(dtype)}), where the model it was given has none")
             errors.append(compare(before, after, p.comparable))
             if not ex:
@@ -110,7 +146,7 @@ class Pipeline:
         carry.keep(inputs, kept)
         e64, e32 = errors
         if not (e64 <= F64_TOL and e32 <= p.f32_tol):
-            raise PassError(f"{p} changed the model's function: max error {e64:.3g} in float64 (tolerance "
+            raise CheckFailed(f"{p} changed the model's function: max error {e64:.3g} in float64 (tolerance "
                             f"{F64_TOL:g}), {e32:.3g} in float32 (tolerance {p.f32_tol:g})")
         return e64, e32
 
@@ -175,7 +211,8 @@ def _map_state(key: str, v, c: TensorClaim | None, p: torch.Tensor):
     out = torch.zeros(p.shape, dtype=v.dtype)
     if c.fresh:
         return out
-    s = c.scale ** (2 if key in ("exp_avg_sq", "max_exp_avg_sq") else 1)
     new_sel, old_sel = kept_entries(c.srcs)
-    put(out, new_sel, take(v, old_sel) * s)
+    s = scale_at(c.scale, new_sel)
+    s = s ** (2 if key in ("exp_avg_sq", "max_exp_avg_sq") else 1)
+    put(out, new_sel, take(v, old_sel) * (s.to(v.dtype) if torch.is_tensor(s) else s))
     return out

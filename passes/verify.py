@@ -10,11 +10,11 @@ from torch import Tensor, fx
 from torch.fx.node import map_aggregate
 
 from mptc import spec as S
-from mptc.export import example_inputs
-from mptc.model import spec_of
+from mptc.graph import spec_of
+from mptc.inputs import example_inputs
 from mptc.schema import parse
 
-from .engine import Certificate, check_claim, check_shapes, kept_entries, put, take
+from .engine import Certificate, check_claim, check_shapes, is_one, kept_entries, put, scale_at, take
 
 F64_TOL = 1e-9
 F32_TOL = 1e-5
@@ -102,15 +102,16 @@ class Upcast(fx.Interpreter):
 
 def exact_values(old: fx.GraphModule, new: fx.GraphModule, cert: Certificate) -> dict[str, Tensor]:
     """The scaled tensors of `new` in float64 as their claims describe them, before rounding: the
-    entries taken from `old` times the scale, computed exactly, and `new`'s own everywhere else.
-    With these, the float64 check sees the rule itself rather than its rounding."""
+    entries taken from `old` times the scale (one factor, or one per entry), computed exactly, and
+    `new`'s own everywhere else. With these, the float64 check sees the rule itself rather than its rounding."""
     out = {}
     for c in cert.claims:
-        if c.scale == 1.0 or c.fresh:
+        if is_one(c.scale) or c.fresh:
             continue
         t = new.get_parameter(c.name).detach().to(torch.float64, copy=True)
         new_sel, old_sel = kept_entries(c.srcs)
-        put(t, new_sel, take(old.get_parameter(c.source).detach(), old_sel).to(torch.float64) * c.scale)
+        put(t, new_sel, take(old.get_parameter(c.source).detach(), old_sel).to(torch.float64) *
+            scale_at(c.scale, new_sel))
         out[c.name] = t
     return out
 

@@ -190,8 +190,11 @@ def _stages(path: Path, result: Outcome) -> None:
     spec = mptc.load(path)
     result.layers = spec.n_layers
     rc, out, err = _cli(["summary", "--json", str(path)])
-    if rc != 0:
+    if rc != 0:  # `check` builds nothing (no torch): a lowering error shows here first
+        first = err.splitlines()[0] if err else ""
         result.kind, result.detail = "format", f"check passed but summary --json failed: {err[:2000]}"
+        if CONVERTED.search(first):
+            result.kind = "traceback"
         return
     if json.loads(out)["params"] < 0:
         result.kind, result.detail = "format", "negative parameter count"

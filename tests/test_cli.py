@@ -43,7 +43,7 @@ def test_summary_json(capsys):
 def test_summary_table(capsys):
     assert main(["summary", "tests/specs/tiny-vit.mpt"]) == 0
     out = capsys.readouterr().out
-    assert "tiny_vit" in out and "layer 1" in out and "total" in out
+    assert "tiny_vit" in out and "layers 0–1 ×2" in out and "total" in out
 
 
 def test_fmt_check_and_write(tmp_path, capsys):

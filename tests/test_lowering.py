@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import mptc
-from mptc.lower import NodeInfo, sizes
-from mptc.model import param_info
+from mptc.dims import sizes
+from mptc.graph import param_info
+from mptc.lower import NodeInfo
 
 from .conftest import tiny
 

@@ -10,8 +10,9 @@ import torch
 
 import mptc
 from mptc import passes as P
+from mptc.choice import level_names, parse_choice
 from mptc.cli import main
-from mptc.nested import granularity, level_names, parse_choice
+from mptc.nested import granularity
 
 SPECS = Path(__file__).parent / "specs"
 ROOT = Path(__file__).resolve().parent.parent

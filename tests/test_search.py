@@ -11,10 +11,10 @@ import torch
 
 import mptc
 from mptc import search as M
+from mptc.choice import parse_choice, sub_spec
 from mptc.cli import main
 from mptc.data import read_bytes, split_tokens
 from mptc.errors import MptcError
-from mptc.nested import parse_choice, sub_spec
 from mptc.train import TrainConfig, eval_batches, train
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

@@ -13,7 +13,7 @@ from mptc import passes as P
 from mptc.passes import verify as V
 from mptc.passes.engine import grouped_grow_map, grow_map, kept_entries, put, take
 
-from .conftest import TINY, tiny
+from .conftest import TINY, perturbed, tiny
 
 SPECS = TINY[0].parent
 
@@ -104,11 +104,9 @@ def _specs() -> dict[str, mptc.Spec]:
 def test_upcast_runs_like_a_float64_copy(name, monkeypatch):
     """Every op of every kind of model, with (nearly) every parameter taking the large-tensor
     path: gathered by embeddings, sliced in linear layers, widened whole anywhere else."""
-    from .test_mpt import _perturbed
-
     monkeypatch.setattr(V, "PIECE", 100)
     spec = _specs()[name]
-    model = _perturbed(spec)
+    model = perturbed(spec)
     wide = {k: v.double() for k, v in model.state_dict().items()}
     copy64 = mptc.build(spec, weights=wide, dtype=torch.float64).eval()
     x = mptc.example_inputs(spec, batch=2, seq=9, seed=3, padded=True)
