@@ -12,9 +12,8 @@ from importlib import import_module
 from .errors import MptcError, SpecError
 from .files import load
 from .graph import spec_of
-from .printer import format_spec
 from .schema import parse
-from .spec import Spec
+from .spec import Spec, format_spec
 
 # Imported on first use, so that `import mptc` (and `mptc check`, `mptc fmt`) does not import torch.
 LAZY = {"build": "model", "load_model": "model", "save": "model", "example_inputs": "inputs",

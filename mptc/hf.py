@@ -34,8 +34,8 @@ from .files import SPEC_FILE, WEIGHTS_FILE
 from .graph import param_info, spec_of
 from .lower import NodeInfo, Role, lower
 from .model import build, load_model
-from .printer import format_spec
 from .schema import parse
+from .spec import format_spec
 
 Config = dict[str, Any]
 

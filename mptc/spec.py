@@ -271,6 +271,135 @@ class Spec:
         return replace(self, **changes)
 
     def __str__(self) -> str:
-        from .printer import format_spec
-
         return format_spec(self)
+
+
+# --- the canonical text: every field written out, per-layer values collapsed when all layers agree;
+# `parse(format_spec(s)) == s` -------------------------------------------------------------------
+
+INDENT = "  "
+MAX_INLINE = 88  # a block fits on one line up to this many characters
+
+
+
+def _lit(x) -> str:
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    if isinstance(x, float):
+        return repr(x)
+    if isinstance(x, Norm):
+        args = f"eps = {_lit(x.eps)}" + (", bias = false" if x.kind == "layernorm" and not x.bias else "")
+        return f"{x.kind}({args})"
+    if x is None:
+        return "none"
+    if isinstance(x, tuple):
+        return "[" + ", ".join(_lit(i) for i in x) + "]"
+    if isinstance(x, Hyper):
+        return f"lowrank(target = {x.target}, rank = {x.rank}, hidden = {x.hidden})"
+    return str(x)
+
+
+def _positions(p: Positions) -> str:
+    return f"rope(theta = {_lit(p.theta)})" if p.kind == "rope" else p.kind
+
+
+def _input(i: str | Patches | tuple) -> str:
+    if isinstance(i, tuple):
+        return "[" + ", ".join(_input(x) for x in i) + "]"
+    if isinstance(i, Patches):
+        return (f"patches(image = {i.image}, patch = {i.patch}, channels = {i.channels}, "
+                f"cls = {_lit(i.cls)})")
+    return i
+
+
+def _str(x: str) -> str:
+    """A string literal: quoted, with backslash, quote, line feed and tab escaped as the parser reads them."""
+    return '"' + x.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+
+
+def _task(t: Task) -> str:
+    args = ([f"mix = {_str(t.mix)}"] if t.mix is not None else []) + \
+        ([f"heads = {_str(t.heads)}"] if t.heads is not None else []) + ([f"skip = {_lit(t.skip)}"] if t.skip else [])
+    return f"subnet({', '.join(args)})"
+
+
+def _per_layer(values: list) -> str:
+    if all(v == values[0] for v in values):
+        return _lit(values[0])
+    return "[" + ", ".join(_lit(v) for v in values) + "]"
+
+
+def _block(head: str, fields: list[tuple[str, str]], depth: int) -> list[str]:
+    pad = INDENT * depth
+    inline = f"{pad}{head} {{ " + ", ".join(f"{k} = {v}" for k, v in fields) + " }"
+    if not fields:
+        return [f"{pad}{head} {{ }}"]
+    if len(inline) <= MAX_INLINE:
+        return [inline]
+    return [f"{pad}{head} {{", *(f"{pad}{INDENT}{k} = {v}" for k, v in fields), f"{pad}}}"]
+
+
+def format_spec(spec: Spec) -> str:
+    out = [f"model {spec.name} {{"]
+    if spec.vocab is not None:
+        out.append(f"{INDENT}vocab = {spec.vocab}")
+    if spec.context is not None:
+        out.append(f"{INDENT}context = {spec.context}")
+    if spec.conditions is not None:
+        out.append(f"{INDENT}conditions = {spec.conditions}")
+    out.append(f"{INDENT}width = {spec.width}")
+    out.append(f"{INDENT}init = normal(std = {_lit(spec.init.std)})")
+    e = spec.embed
+    ef = [("input", _input(e.input)), ("positions", _positions(e.positions)), ("dropout", _lit(e.dropout)),
+          ("norm", _lit(e.norm))]
+    if e.segments:
+        ef.append(("segments", str(e.segments)))
+    if e.experts is not None:
+        x = e.experts
+        ef.append(("experts", f"moe(count = {x.count}, gate = {x.gate}" + (f", top = {x.top})" if x.top else ")")))
+    for k in ("condition", "adaptive"):
+        if getattr(e, k) is not None:
+            ef.append((k, f"film(hidden = {getattr(e, k).hidden})"))
+    if e.types:
+        out += [f"{INDENT}embed {{", *(f"{INDENT * 2}{k} = {v}" for k, v in ef)]
+        out += _block("types", [(t.name, str(t.size)) for t in e.types], 2)
+        out.append(f"{INDENT}}}")
+    else:
+        out += _block("embed", ef, 1)
+    ls = spec.layers
+    out.append(f"{INDENT}layers {len(ls)} {{")
+    for k in ("norm", "placement", "dropout"):
+        out.append(f"{INDENT * 2}{k} = {_per_layer([getattr(layer, k) for layer in ls])}")
+    for k in ("skippable", "modulate"):
+        if any(getattr(layer, k) for layer in ls):
+            out.append(f"{INDENT * 2}{k} = {_per_layer([getattr(layer, k) for layer in ls])}")
+    if any(layer.hyper for layer in ls):
+        out.append(f"{INDENT * 2}hyper = {_per_layer([layer.hyper for layer in ls])}")
+    att = [layer.attention for layer in ls]
+    keys = ["heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout"]
+    if any(a.rotary_dim not in (None, a.head_dim) for a in att):
+        keys.append("rotary_dim")
+    if any(a.window is not None for a in att):
+        keys.append("window")
+    if any(a.nested is not None for a in att):
+        keys.append("nested")
+    if any(a.qk_norm is not None for a in att):
+        keys.append("qk_norm")
+    out += _block("attention", [(k, _per_layer([getattr(a, k) for a in att])) for k in keys], 2)
+    mlp = [layer.mlp for layer in ls]
+    mkeys = ("hidden", "activation", "bias") + (("nested",) if any(m.nested for m in mlp) else ())
+    out += _block("mlp", [(k, _per_layer([getattr(m, k) for m in mlp])) for k in mkeys], 2)
+    out.append(f"{INDENT}}}")
+    h = spec.head
+    hf = [("norm", _lit(h.norm))]
+    if h.kind == "lm":
+        hf += [("tied", _lit(h.tied)), ("bias", _lit(h.bias))]
+        if h.transform is not None:
+            hf.append(("transform", f"dense(activation = {h.transform.activation}, norm = {_lit(h.transform.norm)})"))
+    elif h.kind == "classify":
+        hf += [("classes", str(h.classes)), ("pool", h.pool), ("pooler", _lit(h.pooler)), ("bias", _lit(h.bias))]
+    out += _block(f"head {h.kind}", hf, 1)
+    if spec.tasks:
+        out += _block("tasks", [(t.name, _task(t)) for t in spec.tasks], 1)
+    out.append("}")
+    return "\n".join(out) + "\n"

@@ -17,8 +17,8 @@ from mptc import passes as P
 from mptc.errors import MptcError, SpecError
 from mptc.lower import IO, PARAM_ROLES, Role
 from mptc.model import param_info
-from mptc.printer import format_spec
 from mptc.schema import parse
+from mptc.spec import format_spec
 
 SPEC = Path(__file__).parent / "specs" / "qknorm-lm.mpt"
 QK = "layers.{i}.attn.{x}_norm.weight"
