@@ -7,10 +7,13 @@ comments (for `mptc fmt`). Meaning is given later by `mptc.evaluate` and `mptc.s
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import lark
 from lark import Lark, Token, Tree, v_args
@@ -152,19 +155,32 @@ def _on_comment(tok: Token) -> Token:
 @lru_cache(maxsize=1)
 def _parser() -> Lark:
     """The LALR parser of grammar/mpt.lark, checked strictly (no conflicts, no colliding terminals) when it is
-    built; lark keeps the built tables in a per-user cache file keyed by the grammar's hash, so later runs
+    built; lark keeps the built tables in a cache file that starts with the grammar's hash, so later runs
     skip that analysis (most of the start-up time of `mptc check`)."""
     grammar = resources.files("mptc.grammar").joinpath("mpt.lark").read_text()
     return Lark(
         grammar,
         parser="lalr",
         strict=True,
-        cache=True,
+        cache=_cache_file(),
         propagate_positions=True,
         maybe_placeholders=True,
         lexer_callbacks={"COMMENT": _on_comment},
         start=["start", "pass_list"],
     )
+
+
+def _cache_file() -> str | bool:
+    """The parser cache in the user's own cache dir (a pickle: never in a folder others may write),
+    or no cache when that dir cannot be made."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mptc"
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if root.stat().st_uid != os.getuid() or not os.access(root, os.W_OK):
+            return False
+    except (OSError, RuntimeError):
+        return False
+    return str(root / f"grammar-py{sys.version_info[0]}{sys.version_info[1]}.lark-cache")
 
 
 def _span(src: Source, obj) -> Span:
