@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="threads for torch and ONNX Runtime in every worker (default: one per "
                     "core). On a machine other jobs keep busy, 1 gives stable ratios: torch's threads stall "
                     "waiting for each other when another process holds a core")
-    ap.add_argument("--only", nargs="+", help="run only these suites: lowering export inference growth extraction")
+    ap.add_argument("--only", nargs="+", help="run only these suites: lowering export inference growth extraction, "
+                    "or deploy (run only when named; the other suites' sections of an earlier report are kept)")
     ap.add_argument("--out", default="docs", help="where benchmarks.md and benchmarks.json go (default: docs)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (checkpoints, ONNX files, worker log)")
     ap.add_argument("--render", metavar="JSON", help="only rewrite benchmarks.md (beside JSON) from JSON")
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         mode = dataclasses.replace(mode, threads=args.threads)
     command = "python -m bench" + (f" --mode {name}" if args.mode else " --quick" if args.quick else "")
     command += f" --threads {args.threads}" if args.threads else ""
+    command += f" --only {' '.join(args.only)}" if args.only else ""
     res = run(mode, out=args.out, only=args.only, keep=args.keep, command=command)
     missed = [t for t in res["targets"] if t["met"] is False]
     print(f"{len(res['targets']) - len(missed)} of {len(res['targets'])} targets met; wrote {res['md_path']}")

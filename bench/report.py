@@ -72,7 +72,8 @@ def _target(name: str, case: str, value: float | None, limit: float, upper: bool
             spread: list[float] | None = None) -> dict:
     """One target's verdict; `spread`: the quartiles of the per-round ratios, when a miss may be noise."""
     if value is None or value != value:
-        return {"target": name, "case": case, "value": None, "limit": limit, "met": None, "note": "not measured"}
+        return {"target": name, "case": case, "value": None, "limit": limit, "upper": upper, "met": None,
+                "note": "not measured"}
     met = value <= limit if upper else value >= limit
     if met:
         note = "met"
@@ -116,7 +117,9 @@ def targets(res: dict) -> list[dict]:
         if r["model"] in ("s", "m", "l"):
             out.append(_target("extracted speed-up ≥ 0.8 × FLOPs ratio", f"MLP {r['fraction']} ({r['model']})",
                                r.get("speedup_over_flops_ratio"), 0.8, False))
-    return out
+    from .deploy import targets as deploy_targets
+
+    return out + deploy_targets(res.get("deploy"), _target)
 
 
 # --- markdown ------------------------------------------------------------------------------------------
@@ -152,6 +155,11 @@ def markdown(res: dict) -> str:
               "smaller; run `python -m bench` for the full benchmark.", ""]
     if mode.get("toy"):
         out += ["**toy mode** (the smoke test): toy-size models; the numbers mean nothing.", ""]
+    if res.get("earlier"):
+        out += ["Kept from earlier runs (this run did not measure them): " + "; ".join(
+            f"{k} (`{e['command']}`, {e['date']}" + (f", on {e['cpu']}" if e.get("cpu") and e["cpu"] != m["cpu"]
+                                                      else "") + ")" for k, e in res["earlier"].items())
+                + ". The machine table describes this run's machine.", ""]
     out += ["## Machine", ""]
     out += _table(["", ""], [
         ["CPU", f"{m['cpu']} ({', '.join(m['isa'])})"], ["cores", f"{m['cores']} ({m['usable_cores']} usable)"],
@@ -178,6 +186,9 @@ def markdown(res: dict) -> str:
     out += _lowering(res.get("lowering"))
     out += _growth(res.get("growth"))
     out += _extraction(res.get("extraction"))
+    from .deploy import markdown as deploy_markdown
+
+    out += deploy_markdown(res.get("deploy"), _table, _f, _ms)
     out += _method(res)
     return "\n".join(out) + "\n"
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from . import export, extraction, growth, inference, lowering
+from . import deploy, export, extraction, growth, inference, lowering
 from .config import Ctx, Mode
 from .models import prepare
 from .report import machine, markdown, targets
@@ -24,7 +24,9 @@ SUITES: dict[str, Callable[[Ctx], dict]] = {
     "inference": inference.run,
     "growth": growth.run,
     "extraction": extraction.run,
+    "deploy": deploy.run,
 }
+OPT_IN = ("deploy",)  # run only when named in --only (heavy; builds its own models)
 FAMILIES = ("gpt2", "llama")
 
 
@@ -56,6 +58,26 @@ def contention(res: dict) -> dict:
                                                                                / len(vals), 3)}
 
 
+def earlier(path: Path, res: dict, ran: list[str]) -> dict:
+    """The suites an earlier run in the same mode wrote to `path` and this run did not measure, with where
+    each came from: an `--only` run updates its sections of the report and keeps the others."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if old.get("mode", {}).get("name") != res["mode"]["name"]:
+        return {}
+    kept = {k: old[k] for k in SUITES if k in old and k not in ran}
+    if not kept:
+        return {}
+    came = old.get("earlier", {})
+    kept["earlier"] = {k: came.get(k) or {"command": old.get("command"), "date": old.get("date"),
+                                          "cpu": old.get("machine", {}).get("cpu")} for k in kept}
+    if "models" in old and "models" not in res:
+        kept["models"] = old["models"]
+    return kept
+
+
 def run(mode: Mode, out: str | os.PathLike = "docs", only: list[str] | None = None, keep: bool = False,
         command: str = "python -m bench", say: Callable[[str], None] | None = None) -> dict:
     import torch
@@ -71,8 +93,8 @@ def run(mode: Mode, out: str | os.PathLike = "docs", only: list[str] | None = No
                  "mode": asdict(mode), "machine": machine(), "load_start": _load()}
     say(f"mptc benchmarks, {mode.name} mode; scratch {root}; load average {res['load_start']}")
     try:
-        names = [n for n in SUITES if not only or n in only]
-        if any(n != "lowering" for n in names):
+        names = [n for n in SUITES if n in only] if only else [n for n in SUITES if n not in OPT_IN]
+        if any(n not in ("lowering", *OPT_IN) for n in names):
             ctx.plan("prepare", ["prepare", *names])
             t0 = time.perf_counter()
             for fam in FAMILIES:
@@ -99,8 +121,9 @@ def run(mode: Mode, out: str | os.PathLike = "docs", only: list[str] | None = No
     res["threads"] = mode.threads or os.cpu_count()
     res["contention"] = contention(res)
     res["total_s"] = round(time.perf_counter() - t_start, 1)
-    res["targets"] = targets(res)
     out = Path(out)
+    res.update(earlier(out / "benchmarks.json", res, names))
+    res["targets"] = targets(res)
     out.mkdir(parents=True, exist_ok=True)
     res["json_name"] = str(out / "benchmarks.json")
     (out / "benchmarks.json").write_text(json.dumps(res, indent=1, default=str) + "\n")

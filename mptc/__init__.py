@@ -18,6 +18,7 @@ from .spec import Spec, format_spec
 # Imported on first use, so that `import mptc` (and `mptc check`, `mptc fmt`) does not import torch.
 LAZY = {"build": "model", "load_model": "model", "save": "model", "example_inputs": "inputs",
         "export_onnx": "export", "export_pt2": "export", "run_onnx": "export", "summarize": "summary"}
+LAZY["generate"] = "generate"  # mptc.generate(model, ids, n): new ids through the KV cache (docs/generate.md)
 
 
 def __getattr__(name: str):

@@ -53,12 +53,37 @@ class Choice:
         return all(f == 1.0 for f in self.mlp + self.heads) and not self.skip
 
 
-def _level(token: str, levels: tuple[float, ...] | None, layer: int, what: str) -> float:
-    """A granularity token (name or fraction) resolved against one layer's declared levels."""
+def _fraction(token: str) -> float | None:
+    """A fraction written as 0.5, 1/8 or a paper name (s, m, l, xl); None if it is none of those."""
+    named = {v: k for k, v in PAPER.items()}
+    if token in named:
+        return named[token]
+    try:
+        num, _, den = token.partition("/")
+        return float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _implied(token: str, layer: int, what: str) -> float:
+    """A fraction for a layer without declared nesting, cut as a prefix (after `reorder`)."""
+    if token in ("full",):
+        return 1.0
+    f = _fraction(token)
+    if f is None or not 0.0 < f <= 1.0:
+        raise MptcError(f"layer {layer}: {what} fraction {token!r} must be a number in (0, 1] such as 0.5 or 1/4")
+    return f
+
+
+def _level(token: str, levels: tuple[float, ...] | None, layer: int, what: str, implied: bool = False) -> float:
+    """A granularity token (name or fraction) resolved against one layer's declared levels; with
+    `implied`, a layer without levels takes any fraction (the prefix kept after `reorder`)."""
     token = token.strip()
     if levels is None:
         if token in ("xl", "1", "1.0", "full"):
             return 1.0
+        if implied:
+            return _implied(token, layer, what)
         raise MptcError(f"layer {layer} has no nested {what}, so it only runs whole (xl), not {token!r}",
                         hint=f"declare `nested = […]` in the {what} block")
     names = level_names(levels)
@@ -91,27 +116,33 @@ def _tokens(text: str | None, n: int) -> list[str] | None:
     return tokens
 
 
-def _per_layer(text: str | None, levels: list[tuple[float, ...] | None], what: str) -> tuple[float, ...]:
+def _per_layer(text: str | None, levels: list[tuple[float, ...] | None], what: str, implied: bool = False
+               ) -> tuple[float, ...]:
     """The active fraction of each layer's MLP or attention: a per-layer list must name a level of
     each layer (xl for an un-nested one); one granularity sets every nested layer and leaves the
-    others whole."""
+    others whole. With `implied` (extraction), an un-nested layer takes any fraction, and one
+    granularity on a model without nesting sets every layer."""
     tokens = _tokens(text, len(levels))
     if tokens is not None:
-        return tuple(_level(t, lv, i, what) if t.strip() != "xl" or lv else 1.0
+        return tuple(_level(t, lv, i, what, implied) if t.strip() != "xl" or lv else 1.0
                      for i, (t, lv) in enumerate(zip(tokens, levels, strict=True)))
     token = str(text).strip().strip(",")
     nested = [i for i, lv in enumerate(levels) if lv]
     if not nested:
         if token in ("xl", "1", "1.0", "full"):
             return (1.0,) * len(levels)
+        if implied:
+            return tuple(_implied(token, i, what) for i in range(len(levels)))
         raise MptcError(f"no layer has a nested {what}, so the model only runs whole (xl), not {token!r}",
                         hint=f"declare `nested = […]` in the {what} block")
     return tuple(_level(token, lv, i, what) if lv else 1.0 for i, lv in enumerate(levels))
 
 
 def parse_choice(spec: S.Spec, mix: str | None = None, *, mlp: str | None = None, heads: str | None = None,
-                 skip: Sequence[int] | str = ()) -> Choice:
-    """A Choice from its text parts (see the module docstring); unset parts stay whole."""
+                 skip: Sequence[int] | str = (), implied: bool = False) -> Choice:
+    """A Choice from its text parts (see the module docstring); unset parts stay whole. `implied`
+    (extraction): layers without declared nesting take any fraction and any layer may be dropped,
+    the sub-network being the prefix a `reorder` ranked first."""
     n = spec.n_layers
     if mix is not None and mlp is not None:
         raise MptcError("give either a per-layer mix or one MLP granularity, not both")
@@ -125,16 +156,32 @@ def parse_choice(spec: S.Spec, mix: str | None = None, *, mlp: str | None = None
         if not -n <= i < n:
             raise MptcError(f"cannot drop layer {i}: the model has {n} layers (0..{n - 1})")
         i %= n
-        if not spec.layers[i].skippable:
+        if not spec.layers[i].skippable and not implied:
             ok = [j for j, ly in enumerate(spec.layers) if ly.skippable]
             raise MptcError(f"layer {i} is not skippable", hint=f"skippable layers: {ok}" if ok else
                             "declare `skippable = …` in the layers block")
         drop.add(i)
     if len(drop) == n:
         raise MptcError("cannot drop every layer")
-    mlp_f = _per_layer(mix if mix is not None else mlp, [ly.mlp.nested for ly in spec.layers], "MLP")
-    head_f = _per_layer(heads, [ly.attention.nested for ly in spec.layers], "attention")
-    return Choice(mlp_f, head_f, frozenset(drop))
+    mlp_f = _per_layer(mix if mix is not None else mlp, [ly.mlp.nested for ly in spec.layers], "MLP", implied)
+    head_f = _per_layer(heads, [ly.attention.nested for ly in spec.layers], "attention", implied)
+    choice = Choice(mlp_f, head_f, frozenset(drop))
+    _check_sizes(spec, choice)
+    return choice
+
+
+def _check_sizes(spec: S.Spec, choice: Choice) -> None:
+    """Every kept MLP keeps a unit and every kept attention a kv group."""
+    for i, (f, _, g) in enumerate(active_sizes(spec, choice)):
+        ly = spec.layers[i]
+        if i in choice.skip:
+            continue
+        if f < 1:
+            raise MptcError(f"layer {i}: MLP fraction {choice.mlp[i]:g} of {ly.mlp.hidden} units keeps none",
+                            hint=f"keep at least 1/{ly.mlp.hidden}")
+        if g < 1:
+            raise MptcError(f"layer {i}: attention fraction {choice.heads[i]:g} of {ly.attention.kv_heads} kv "
+                            "groups keeps none", hint=f"keep at least 1/{ly.attention.kv_heads}")
 
 
 def active_sizes(spec: S.Spec, choice: Choice) -> list[tuple[int, int, int]]:

@@ -100,23 +100,38 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tol", type=float, default=1e-5, help="max abs error allowed (default 1e-5)")
     c.add_argument("--seed", type=int, default=0)
 
-    c = sub.add_parser("extract", help="cut a nested sub-network out as a smaller model",
-                       description="Extract a MatFormer sub-network: MLP units and kv head groups to an index prefix, "
-                       "dropped layers removed, spec rewritten. Verified: the submodel equals the parent run at that "
-                       "granularity (float32, 1e-6), else nothing is written. OUT ending in .onnx gives an ONNX file.")
+    c = sub.add_parser("extract", help="cut a sub-network out as a smaller model",
+                       description="Extract a sub-network: MLP units and kv head groups to an index prefix, "
+                       "dropped layers removed, spec rewritten. A MatFormer-nested layer cuts at its levels, any "
+                       "other layer at any fraction (the prefix: `mptc reorder` first). Verified: the submodel "
+                       "equals the parent run as that sub-network (float64 1e-9, float32 1e-5), else nothing "
+                       "is written. --correct lsq then refits the shrunk projections on calibration data and checks "
+                       "the held-out loss. OUT ending in .onnx gives an ONNX file.")
     c.add_argument("spec", metavar="SRC")
     _choice_args(c)
+    c.add_argument("--kv-groups", type=int, metavar="N", help="kv groups every attention keeps (with their heads)")
+    c.add_argument("--merge-kv", action="store_true", help="with --kv-groups: keep every query head and average the "
+                   "k/v projections of the groups merged (checked on the held-out part of --data)")
+    c.add_argument("--drop-least", type=int, metavar="N", help="leave out the N layers whose removal alone raises "
+                   "the calibration loss least (measured on --data)")
+    c.add_argument("--correct", choices=("lsq",), help="lsq: refit each shrunk MLP down / attention output "
+                   "projection by ridge least squares on --data; checked on its held-out part")
+    c.add_argument("--data", nargs="+", metavar="FILE", help="calibration text (files, directories or stdlib; "
+                   "byte-level tokens) for --correct and --drop-least")
+    c.add_argument("--samples", type=int, default=64, help="calibration windows (default 64)")
     c.add_argument("-o", "--output", required=True, metavar="OUT")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="weight seed for a spec SRC and calibration window seed")
 
     c = sub.add_parser("reorder", help="rank MLP units and heads by importance (exact permutation)",
                        description="Permute MLP units and attention heads so the most important come first, so that "
                        "a later `extract` keeps the best prefix. Function-preserving and verified.")
     c.add_argument("spec", metavar="SRC")
-    c.add_argument("--by", choices=("weight", "activation"), default="weight",
-                   help="weight: group L2 norm; activation: mean |activation| on --data (default weight)")
+    c.add_argument("--by", choices=("weight", "activation", "taylor"), default="weight",
+                   help="weight: group L2 norm; activation: mean |activation| on --data; taylor: |w · grad| of the "
+                   "next-token loss on --data (default weight)")
     c.add_argument("--what", choices=("mlp", "heads", "both"), default="both")
-    c.add_argument("--data", nargs="+", metavar="FILE", help="calibration text (byte-level tokens)")
+    c.add_argument("--data", nargs="+", metavar="FILE", help="calibration text (files, directories or stdlib; "
+                   "byte-level tokens)")
     c.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
     c.add_argument("-o", "--output", required=True, metavar="OUT_DIR")
     c.add_argument("--seed", type=int, default=0)
@@ -124,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("import-hf", help="import a Hugging Face checkpoint as a model dir",
                        description="Read a Hugging Face model directory (config.json and *.safetensors, sharded or "
                        "not, or pytorch_model.bin) and write a model dir. Families: GPT-2, Llama, Mistral, Qwen2, "
-                       "BERT, ViT. Every tensor of the checkpoint must be used and every tensor of the model found. "
+                       "Qwen3, Phi-3/Phi-4, Mixtral, Qwen2-MoE, BERT, RoBERTa, XLM-R, DistilBERT, ViT (docs/hf.md). "
+                       "Every tensor of the checkpoint must be used and every tensor of the model found. "
                        "Needs `pip install \"mptc[hf]\"` only for --check and export-hf.")
     c.add_argument("src", metavar="HF_DIR")
     c.add_argument("-o", "--output", required=True, metavar="MODEL_DIR")
@@ -134,11 +150,11 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("export-hf", help="export a model dir as a Hugging Face checkpoint",
                        description="Write config.json and model.safetensors that `transformers` loads with "
-                       "AutoModelForCausalLM (GPT-2 and Llama families). Models the family's config cannot hold are "
-                       "refused, naming the field.")
+                       "the class its `architectures` names (causal LMs, masked LMs, classifiers). Models the "
+                       "family's config cannot hold are refused, naming the field.")
     c.add_argument("spec", metavar="SRC")
     c.add_argument("-o", "--output", required=True, metavar="HF_DIR")
-    c.add_argument("--family", choices=("gpt2", "llama"), help="default: the family the model fits")
+    c.add_argument("--family", choices=HF_EXPORT_FAMILIES, help="default: the family the model fits")
     c.add_argument("--seed", type=int, default=0)
 
     c = sub.add_parser("run", help="run a model on inputs",
@@ -164,10 +180,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--top", type=int, default=5, help="how many top predictions to print (default 5)")
 
-    from . import cli_train
+    from . import cli_deploy, cli_train
 
     cli_train.add_commands(sub)
     COMMANDS.update(cli_train.COMMANDS)
+    cli_deploy.add_commands(sub)
+    COMMANDS.update(cli_deploy.COMMANDS)
     for name in (n for n in WRITERS if n in sub.choices):
         sub.choices[name].add_argument(
             "--force", action="store_true", help="replace the output even where it is not an earlier output of "
@@ -175,6 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+HF_EXPORT_FAMILIES = ("gpt2", "qwen3", "llama", "mistral", "qwen2", "phi3", "mixtral", "qwen2_moe", "gemma", "gemma2",
+                      "gemma3_text", "bert", "roberta", "xlm-roberta", "distilbert", "vit")  # mptc.hf.EXPORTS
 WRITERS = ("compile", "grow", "extract", "reorder", "import-hf", "export-hf", "run", "train", "search")
 INPUT_ARGS = ("spec", "src", "a", "b", "data", "passes_file", "resume", "onnx", "ids_file", "pixels_file",
               "mask_file", "token_types_file", "conditions_file", "tokenizer")
@@ -663,6 +683,8 @@ def cmd_grow(args) -> int:
         print(f"{r.call}: {human(r.params_before)} → {human(r.params_after)} params, max error "
               f"{r.max_abs_error_float64:.2g} (float64) / {r.max_abs_error_float32:.2g} (float32), "
               f"{len(r.tensors)} tensors, {r.seconds + r.verify_seconds:.2f} s")
+        for note in r.notes:  # what the check compared, and changes made after it (upcycle_moe's noise)
+            print(f"  {note}")
     save(new, args.output, extra={"report.json": json.dumps(report.to_json(), indent=2) + "\n"})
     print(f"wrote {args.output}")
     return 0
@@ -692,14 +714,21 @@ def cmd_extract(args) -> int:
     from .passes import Extract, Pipeline
     from .summary import human
 
-    if not _choice_given(args):
-        raise MptcError("say what to extract", hint="--mlp s, --mix \"s,s,m,l\", --heads m or --drop-layers 3,7")
+    if not _choice_given(args) and not args.kv_groups and not args.drop_least:
+        raise MptcError("say what to extract", hint="--mlp 0.5, --mix \"s,s,m,l\", --heads m, --kv-groups 2, "
+                        "--drop-layers 3,7 or --drop-least 1")
     model = load_model(args.spec, seed=args.seed)
-    p = Extract(mlp=args.mlp, mix=args.mix, heads=args.heads, drop_layers=_ints(args.drop_layers), task=args.task)
+    p = Extract(mlp=args.mlp, mix=args.mix, heads=args.heads, drop_layers=_ints(args.drop_layers), task=args.task,
+                kv_groups=args.kv_groups, drop_least=args.drop_least, correct=args.correct, merge_kv=args.merge_kv,
+                data=args.data,
+                samples=args.samples, seed=args.seed)
     sub, report = Pipeline([p])(model)
     r = report.passes[0]
-    print(f"{r.call}: {human(r.params_before)} → {human(r.params_after)} params, equals the parent at that "
-          f"granularity within {r.max_abs_error_float32:.2g} (float32)")
+    if not p.exact:
+        print(f"{r.call}: {human(r.params_before)} → {human(r.params_after)} params; " + "; ".join(r.notes))
+    else:
+        print(f"{r.call}: {human(r.params_before)} → {human(r.params_after)} params, equals the parent at that "
+              f"granularity within {r.max_abs_error_float32:.2g} (float32)")
     if args.output.endswith(".onnx"):
         export_onnx(sub, args.output)
     else:
@@ -721,17 +750,15 @@ def cmd_reorder(args) -> int:
     from .model import load_model, save
     from .passes import Pipeline, Reorder
 
+    if args.by != "weight" and not args.data:
+        raise MptcError(f"--by {args.by} needs --data FILES (calibration text, or stdlib)")
     model = load_model(args.spec, seed=args.seed)
-    calibration = None
-    if args.by == "activation":
-        if not args.data:
-            raise MptcError("--by activation needs --data FILES (calibration text)")
-        from .data import calibration_batches
-
-        calibration = calibration_batches(model, args.data, args.samples, seed=args.seed)
-    new, report = Pipeline([Reorder(by=args.by, what=args.what, calibration=calibration)])(model)
+    p = Reorder(by=args.by, what=args.what, data=args.data, samples=args.samples, seed=args.seed)
+    new, report = Pipeline([p])(model)
     r = report.passes[0]
     print(f"{r.call}: {len(r.tensors)} tensors permuted, max error {r.max_abs_error_float64:.2g} (float64)")
+    for note in r.notes:
+        print(f"  {note}")
     save(new, args.output, extra={"report.json": json.dumps(report.to_json(), indent=2) + "\n"})
     print(f"wrote {args.output}")
     return 0
@@ -746,10 +773,13 @@ def cmd_import_hf(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-    from .hf import export_hf
+    from .files import WEIGHTS_FILE
+    from .hf import export_hf, special_tokens
     from .model import load_model
 
-    export_hf(load_model(args.spec, seed=args.seed), args.output, family=args.family)
+    src = Path(args.spec)
+    tokens = special_tokens(src) if (src / WEIGHTS_FILE).is_file() else None  # an import-hf dir keeps them
+    export_hf(load_model(args.spec, seed=args.seed), args.output, family=args.family, tokens=tokens)
     print(f"wrote {args.output}")
     return 0
 

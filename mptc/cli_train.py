@@ -71,6 +71,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "(default: the data SRC was trained on, when it is an `mptc train` checkpoint)")
     c.add_argument("--family", choices=("monotone", "all"), default="monotone",
                    help="candidates: non-decreasing granularities with depth (default) or every configuration")
+    c.add_argument("--what", default="mlp", metavar="mlp,heads,layers", help="a model without nesting: what the "
+                   "greedy per-layer search may cut: MLP units, kv groups, whole layers (default mlp; reorder first)")
+    c.add_argument("--step", type=float, default=1 / 8, metavar="X", help="a model without nesting: the fraction "
+                   "of a layer's MLP one cut removes (default 1/8)")
     c.add_argument("--eval-batches", type=int, default=4, help="held-out batches per candidate (default 4)")
     c.add_argument("--batch", type=int, default=16, help="sequences per batch (default 16)")
     c.add_argument("--seq", type=int, help="tokens per sequence (default: the model's context)")
@@ -275,6 +279,8 @@ def cmd_search(args) -> int:
         raise MptcError("--plot needs held-out losses", hint="pass --data FILES… (or search a trained checkpoint)")
     if batches is not None and not Path(args.spec).is_dir():
         console.print("[yellow]note: SRC is a spec, so its weights are random; search a trained model dir[/]")
+    if not spec.nested:
+        return _search_plain(args, model, budget, batches, console)
 
     from rich.progress import Progress
 
@@ -299,6 +305,44 @@ def cmd_search(args) -> int:
     if args.plot:
         M.plot(result, args.plot, title=f"{spec.name}: Mix'n'Match under {budget}")
         console.print(f"wrote {args.plot}")
+    return 0
+
+
+def _search_plain(args, model, budget, batches, console) -> int:
+    """Per-layer widths of a model without nesting: the greedy search, then the extract command."""
+    from . import search as M
+    from .atomic import atomic_file
+    from .summary import human
+
+    what = tuple(w.strip() for w in args.what.split(",") if w.strip())
+    bad = [w for w in what if w not in ("mlp", "heads", "layers")]
+    if bad or not what:
+        raise MptcError(f"--what takes mlp, heads and layers (comma-separated), got {args.what!r}")
+    if batches is None:
+        raise MptcError("a model without nesting is searched on measured losses", hint="pass --data FILES… "
+                        "(or stdlib)")
+    if not 0 < args.step <= 0.5:
+        raise MptcError(f"--step must be a fraction in (0, 1/2], got {args.step}")
+    cal = [{"input_ids": x} for x in batches]
+    result = M.plain_search(model, budget, cal, what, args.step)
+    console.print(f"per-layer widths under {budget} ({len(result.steps)} cuts, greedy on the loss of "
+                  f"{sum(len(x) for x in batches)} windows):")
+    console.print(f"  MLP kept per layer: {result.mix}")
+    if any(f < 1 for f in result.heads):
+        console.print(f"  kv groups kept per layer: {result.heads_text}")
+    if result.skip:
+        console.print(f"  layers left out: {', '.join(map(str, result.skip))}")
+    console.print(f"  {human(result.params)} params, {human(result.flops)} FLOPs/token, loss {result.loss:.4f} "
+                  "(before any correction)")
+    data = " ".join(args.data) if args.data else "FILES"
+    console.print(f"extract it: mptc extract {args.spec} " + " ".join(
+        f'{a} "{b}"' if a in ("--mix", "--heads") else f"{a} {b}" for a, b in
+        zip(result.extract_args()[::2], result.extract_args()[1::2], strict=True)) +
+        f" --correct lsq --data {data} -o OUT")
+    if args.json:
+        with atomic_file(args.json, kind="search") as tmp:
+            tmp.write_text(json.dumps(result.to_json(), indent=1) + "\n")
+        console.print(f"wrote {args.json}")
     return 0
 
 

@@ -3,7 +3,8 @@ tensor too large to exist without importing torch).
 
 Symbols (docs/architecture.md): D = width, V = vocab, L = layers, P = context, C = classes, S = segments,
 Cn = conditions, M = experts, I = patch features, MOD = modalities, T = token types (V:NAME their sizes),
-per layer H[i], G[i], K[i], Dv[i], F[i] (MLP hidden), F:hyper[i] and R[i] (hypernetwork), F:embed.NAME (FiLM).
+per layer H[i], G[i], K[i], Dv[i], F[i] (MLP hidden), E[i] and Fs[i] (MLP experts, shared expert hidden),
+F:hyper[i] and R[i] (hypernetwork), F:embed.NAME (FiLM).
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ def sizes(spec: S.Spec) -> dict[str, int]:
         a = layer.attention
         out |= {f"H[{i}]": a.heads, f"G[{i}]": a.kv_heads, f"K[{i}]": a.head_dim, f"Dv[{i}]": a.value_dim,
                 f"F[{i}]": layer.mlp.hidden}
+        if layer.mlp.moe:
+            out[f"E[{i}]"] = layer.mlp.experts
+            if layer.mlp.shared is not None:
+                out[f"Fs[{i}]"] = layer.mlp.shared
     return out
 
 
@@ -86,7 +91,8 @@ SYMBOL_FIELDS = {  # the spec fields that set a dimension symbol, most specific 
     "G": ("layers.attention.kv_heads", "layers.attention.heads"),
     "K": ("layers.attention.head_dim", "layers.attention.heads", "width"),
     "Dv": ("layers.attention.value_dim", "layers.attention.head_dim", "layers.attention.heads", "width"),
-    "F": ("layers.mlp.hidden", "width"), "R": ("layers.hyper",),
+    "F": ("layers.mlp.hidden", "width"), "R": ("layers.hyper",), "E": ("layers.mlp.experts",),
+    "Fs": ("layers.mlp.shared",),
 }
 
 
@@ -166,7 +172,7 @@ def matrices(spec: S.Spec) -> Iterator[tuple[str, Axes]]:
         yield "head.transform.weight", (("D",), ("D",))
     if hd.kind == "classify" and hd.pooler:
         yield "head.pooler.weight", (("D",), ("D",))
-    if hd.kind == "classify":
+    if hd.kind in ("classify", "span"):
         yield "head.out.weight", (("C",), ("D",))
     elif hd.kind == "lm" and not hd.tied:
         yield "head.out.weight", (("V",), ("D",))
@@ -184,6 +190,16 @@ def _layer_matrices(i: int, ly: S.Layer) -> Iterator[tuple[str, Axes]]:
             "mlp.down": (("D",), (F,))}
     if not ly.mlp.gated:
         del proj["mlp.gate"]
+    if ly.mlp.moe:  # stacked experts (E, …), the router, a shared expert and its gate
+        E, mlp = f"E[{i}]", [r for r in proj if r.startswith("mlp.")]  # noqa: N806
+        yield f"{pre}.mlp.router.weight", ((E,), ("D",))
+        yield from ((f"{pre}.mlp.experts.{r[4:]}.weight", ((E,), *proj[r])) for r in mlp)
+        if ly.mlp.shared is not None:
+            yield from ((f"{pre}.mlp.shared.{r[4:]}.weight", tuple((f"Fs[{i}]",) if ax == (F,) else ax
+                                                                   for ax in proj[r])) for r in mlp)
+        if ly.mlp.shared_gate:
+            yield f"{pre}.mlp.shared_gate.weight", ((), ("D",))
+        proj = {r: ax for r, ax in proj.items() if not r.startswith("mlp.")}
     yield from ((f"{pre}.{role}.weight", axes) for role, axes in proj.items())
     if ly.hyper is not None and S.HYPER_TARGETS[ly.hyper.target] in proj:
         out_ax, in_ax = proj[S.HYPER_TARGETS[ly.hyper.target]]

@@ -19,6 +19,7 @@ from torch.export import Dim
 
 from . import spec as S
 from .atomic import atomic_file, atomic_onnx, check_onnx_output
+from .emit import emit, unsupported
 from .errors import MptcError
 from .files import ONNX_OPSET
 from .graph import spec_of
@@ -111,6 +112,14 @@ def export_onnx(model: fx.GraphModule, path: str | os.PathLike, opset: int = ONN
     check_onnx_output(path, external)  # before the export: a refused output costs nothing
     model.eval()
     dtype = next(model.parameters()).dtype
+    if _direct(spec, dtype):  # written from the spec and weights, no tracing (mptc.emit, docs/onnx.md)
+
+        emitted = emit(model, dtype=str(dtype).removeprefix("torch."), opset=opset)
+        with atomic_onnx(path, external=external) as tmp:
+            emitted.save(tmp, external_data=external)
+            if check:
+                onnx.checker.check_model(str(tmp), full_check=True)
+        return Path(path)
     kwargs = _export_inputs(spec)
     kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
     with _quiet():
@@ -123,6 +132,12 @@ def export_onnx(model: fx.GraphModule, path: str | os.PathLike, opset: int = ONN
         if check:
             onnx.checker.check_model(str(tmp), full_check=True)
     return Path(path)
+
+
+def _direct(spec: S.Spec, dtype: torch.dtype) -> bool:
+    """Whether the direct emitter covers the model (else it is traced)."""
+
+    return dtype in (torch.float32, torch.float16) and not unsupported(spec, cache=False)
 
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,

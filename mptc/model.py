@@ -27,19 +27,23 @@ from .lower import Lowered, NodeInfo, lower
 from .memory import check_fits, count_params
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-__all__ = ["SPEC_FILE", "WEIGHTS_FILE", "build", "init_weights", "load", "load_model", "param_info", "save", "spec_of"]
+__all__ = ["SPEC_FILE", "WEIGHTS_FILE", "build", "cached", "init_weights", "is_cached", "load", "load_model",
+           "param_info", "save", "spec_of"]
 
 
 def build(spec: S.Spec, weights: str | os.PathLike | dict | None = None, seed: int = 0,
-          device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32) -> fx.GraphModule:
+          device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32, cache: bool = False
+          ) -> fx.GraphModule:
     """Compile a Spec to a trainable GraphModule.
 
     weights: a safetensors file, a model dir, or a state dict; else initialised from `seed`.
     device="meta" allocates nothing (shapes only, for summaries of large specs).
+    cache: the KV-cached form of a decoder (inputs with past keys and values, output (logits, presents);
+    docs/generate.md).
     """
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     on_meta = weights is not None or str(device) == "meta"
-    low = lower(spec, "meta")  # shapes only: the size is checked before anything is allocated
+    low = lower(spec, "meta", cache=cache)  # shapes only: the size is checked before anything is allocated
     if weights is not None or str(device) != "meta":
         _check_fits(spec, low, dtype, device)
     name = re.sub(r"\W", "_", spec.name) or "Model"
@@ -51,6 +55,7 @@ def build(spec: S.Spec, weights: str | os.PathLike | dict | None = None, seed: i
                         model.span if model is not None else None, "rename the names the spec gives") from None
     gm.meta["mptc.spec"] = spec
     gm.meta["mptc.params"] = low.params
+    gm.meta["mptc.cache"] = cache
     if weights is not None:
         _load_weights(gm, weights, low.params)
         gm.to(device)
@@ -58,6 +63,27 @@ def build(spec: S.Spec, weights: str | os.PathLike | dict | None = None, seed: i
         gm.to_empty(device=device)
         init_weights(gm, seed)
     return gm.to(dtype)
+
+
+def is_cached(model: fx.GraphModule) -> bool:
+    """Whether a module is the KV-cached form of its spec (`build(…, cache=True)` or `cached`)."""
+    return bool(getattr(model, "meta", {}).get("mptc.cache", False))
+
+
+def cached(model: fx.GraphModule) -> fx.GraphModule:
+    """The KV-cached form of a built decoder, sharing its parameters (the same tensors: no copy), its
+    train/eval mode and, for a nested model, its Nest module (so `granularity(model, …)` picks the cached
+    form's sub-network too). A model that is already cached is returned as it is."""
+    if is_cached(model):
+        return model
+    spec = spec_of(model)
+    low = lower(spec, "meta", cache=True)
+    gm = fx.GraphModule(low.root, low.graph, class_name=re.sub(r"\W", "_", spec.name) or "Model")
+    gm.meta.update({"mptc.spec": spec, "mptc.params": low.params, "mptc.cache": True})
+    gm.load_state_dict({k: model.get_parameter(k) for k in low.params}, strict=True, assign=True)
+    if spec.nested:
+        gm.nest = model.get_submodule("nest")
+    return gm.train(model.training)
 
 
 def _check_fits(spec: S.Spec, low: Lowered, dtype: torch.dtype, device: str | torch.device) -> None:

@@ -167,3 +167,223 @@ class DropoutAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         p = self.p if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)
+
+
+def moe_gates(x: Tensor, router: Tensor, top_k: int, normalize: bool) -> Tensor:
+    """Mixture-of-experts gates (…, E) for x (…, D) and router (E, D): softmax over the experts, the
+    top_k kept (ties: the lower index), renormalised to sum to one if `normalize`, zero elsewhere."""
+    probs = torch.softmax(F.linear(x, router), dim=-1)  # (…, E)
+    top, idx = probs.topk(top_k, dim=-1)  # (…, k)
+    if normalize:
+        top = top / top.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter(-1, idx, top)
+
+
+def expert_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """Every expert's projection of x (…, D) by w (E, F, D) (+ b (E, F)): (…, E, F), as one linear layer."""
+    y = F.linear(x, w.flatten(0, 1), None if b is None else b.flatten())  # (…, E·F)
+    return y.unflatten(-1, w.shape[:2])
+
+
+def expert_mix(z: Tensor, w: Tensor, b: Tensor | None, gates: Tensor) -> Tensor:
+    """The gated sum of the experts' down projections: z (…, E, F), w (E, D, F), b (E, D), gates (…, E) → (…, D),
+    as one linear layer over the gated hidden units of all experts."""
+    gz = (gates.unsqueeze(-1) * z).flatten(-2)  # (…, E·F)
+    y = F.linear(gz, w.transpose(0, 1).flatten(1))  # w as (D, E·F)
+    return y if b is None else y + gates @ b
+
+
+# --- the KV cache (the cached graph of `lower(spec, cache=True)`) ---
+
+
+def cache_length(past_key: Tensor | None) -> int:
+    """P, the positions already in the cache: past_key is (B, G, P, K), or None before the first call."""
+    return 0 if past_key is None else past_key.shape[2]
+
+
+def cache_positions(position_ids: Tensor | None, mask: Tensor | None, ids: Tensor, past: int) -> Tensor:
+    """Position ids (B, S) of the new tokens ids (B, S): as given, else from the padding mask (B, P + S) as
+    cumsum(mask) − 1 (clamped at 0, so left padding shifts nothing), else P..P+S−1."""
+    if position_ids is not None:
+        return position_ids
+    s = ids.shape[1]
+    if mask is None:
+        return torch.arange(past, past + s, device=ids.device).expand(ids.shape[0], s)
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:]
+
+
+def sinusoidal_at(pos: Tensor, x: Tensor) -> Tensor:
+    """The sinusoidal table of `sinusoidal` at positions pos (B, S), for x (B, S, D): (B, S, D)."""
+    d = x.shape[2]
+    i = torch.arange(0, d, 2, device=x.device, dtype=torch.float32)  # (ceil(D/2),)
+    angle = pos.to(torch.float32)[..., None] * torch.exp(i * (-math.log(10000.0) / d))  # (B, S, ceil(D/2))
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(-2)[..., :d].to(x.dtype)
+
+
+def rope_at(pos: Tensor, x: Tensor, dim: int, theta: float, inv_freq: tuple[float, ...] | None = None,
+            attention: float = 1.0) -> tuple[Tensor, Tensor]:
+    """cos and sin (B, 1, S, dim) of `rope_tables` at positions pos (B, S): they broadcast over the heads.
+    With `inv_freq` (dim/2 fixed frequencies of a scaled rope) and `attention`, those of `scaled_rope_tables`."""
+    if inv_freq is None:
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))  # (dim/2,)
+    else:
+        inv = torch.tensor(inv_freq, dtype=torch.float32, device=x.device)  # (dim/2,)
+    freqs = pos.to(torch.float32)[..., None] * inv  # (B, S, dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, S, dim)
+    if inv_freq is None:
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    return (emb.cos() * attention).to(x.dtype), (emb.sin() * attention).to(x.dtype)
+
+
+def cache_mask(mask: Tensor | None, x: Tensor, past: int, window: int | None = None) -> Tensor:
+    """Boolean causal mask (B or 1, 1, S, P + S) of the new queries x (B, S, …) over past and new keys.
+
+    Query i sits at index P + i of the keys; it sees key j ≤ P + i (and, with `window`, P + i − j < window).
+    `mask` (B, P + S) marks padding (0) among all keys; every query may attend to itself (no empty row).
+    """
+    s = x.shape[1]
+    q = torch.arange(past, past + s, device=x.device)[:, None]  # (S, 1)
+    k = torch.arange(past + s, device=x.device)[None, :]  # (1, P + S)
+    keep = k <= q
+    if window is not None:
+        keep = keep & (q - k < window)
+    if mask is None:
+        return keep[None, None]
+    return (mask.to(torch.bool)[:, None, None, :] & keep) | (k == q)  # (B, 1, S, P + S)
+
+
+def cache_concat(past: Tensor | None, new: Tensor) -> Tensor:
+    """Past keys or values (B, G, P, ·) followed by the new ones (B, G, S, ·) on the position axis."""
+    return new if past is None else torch.cat([past, new], dim=2)
+
+
+# --- rope scaling, soft-capping, last-token pooling (the 2026 Hugging Face families) ---
+
+
+def rope_inv_freq(dim: int, theta: float, scaling) -> Tensor:
+    """The inverse frequencies (dim/2,) in float32 for `spec.RopeScaling` kinds linear, llama3 and yarn,
+    computed as transformers' `ROPE_INIT_FUNCTIONS` do (dynamic depends on the length: `dynamic_rope_tables`)."""
+    base = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))  # (dim/2,)
+    if scaling is None:
+        return base
+    if scaling.kind == "linear":
+        return base / scaling.factor
+    if scaling.kind == "llama3":
+        return _llama3(base, scaling.factor, scaling.low, scaling.high, scaling.original)
+    if scaling.kind == "yarn":
+        return _yarn(base, dim, theta, scaling)
+    raise ValueError(f"rope scaling {scaling.kind} has no fixed frequencies")
+
+
+def _llama3(inv: Tensor, factor: float, low: float, high: float, original: int) -> Tensor:
+    """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp between."""
+    low_wavelen, high_wavelen = original / low, original / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn(inv: Tensor, dim: int, theta: float, sc) -> Tensor:
+    """YaRN: dims with fewer than beta_slow rotations over the original context are interpolated
+    (÷ factor), dims with more than beta_fast are kept, a linear ramp between (arXiv 2309.00071)."""
+    def correction(rotations: float) -> float:  # the dim that turns `rotations` times over the original context
+        return dim * math.log(sc.original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction(sc.beta_fast), correction(sc.beta_slow)
+    if sc.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # (dim/2,)
+    keep = 1 - ramp  # 1: extrapolate (the frequency as it is), 0: interpolate
+    return (inv / sc.factor) * (1 - keep) + inv * keep
+
+
+def scaled_rope_tables(x: Tensor, inv_freq: tuple[float, ...], attention: float = 1.0) -> tuple[Tensor, Tensor]:
+    """cos and sin (T, R) from fixed inverse frequencies (R/2 of them), times `attention` (yarn's factor)."""
+    t = x.shape[1]
+    inv = torch.tensor(inv_freq, dtype=torch.float32, device=x.device)  # (R/2,)
+    freqs = torch.arange(t, device=x.device, dtype=torch.float32)[:, None] * inv  # (T, R/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, R)
+    return (emb.cos() * attention).to(x.dtype), (emb.sin() * attention).to(x.dtype)
+
+
+def dynamic_rope_tables(x: Tensor, dim: int, theta: float, factor: float, original: int) -> tuple[Tensor, Tensor]:
+    """Dynamic NTK: past the `original` context the base grows with the length L of x (B, T, …):
+    theta · (factor·L/original − (factor − 1))^(R/(R−2)); up to it, plain rope. cos, sin: (T, R)."""
+    t = x.shape[1]
+    pos = torch.arange(t, device=x.device, dtype=torch.float32)  # (T,)
+    length = (pos[-1:] + 1).clamp(min=float(original))  # (1,): max(T, original), traced with T
+    base = theta * ((factor * length / original) - (factor - 1)) ** (dim / (dim - 2))  # (1,)
+    exps = torch.arange(0, dim, 2, dtype=torch.int64, device=x.device).to(torch.float32) / dim  # (R/2,)
+    inv = 1.0 / base ** exps  # (R/2,)
+    freqs = pos[:, None] * inv  # (T, R/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, R)
+    return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def softcap(x: Tensor, cap: float) -> Tensor:
+    """cap · tanh(x / cap): x squashed smoothly into (−cap, cap) (Gemma 2 logits and attention scores)."""
+    return torch.tanh(x / cap) * cap
+
+
+def capped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, cap: float,
+                     p: float = 0.0) -> Tensor:
+    """Attention with soft-capped scores, written out (SDPA has no hook between the scores and the softmax):
+    q (B, H, T, K), k (B, H, S, K), v (B, H, S, Dv), mask (B or 1, 1, T, S) True = may attend → (B, H, T, Dv).
+    It materialises the (B, H, T, S) scores, where SDPA's fused kernels would not."""
+    s = softcap(torch.matmul(q, k.transpose(-1, -2)) * scale, cap)  # (B, H, T, S)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    w = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    if p > 0:
+        w = F.dropout(w, p)
+    return torch.matmul(w, v)
+
+
+class CappedAttention(nn.Module):
+    """`capped_attention` with dropout on the probabilities while training."""
+
+    def __init__(self, p: float, scale: float, cap: float):
+        super().__init__()
+        self.p, self.scale, self.cap = p, scale, cap
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        return capped_attention(q, k, v, mask, self.scale, self.cap, self.p if self.training else 0.0)
+
+
+def pool_last(x: Tensor, mask: Tensor | None) -> Tensor:
+    """x (B, T, D) at each row's last real position (the last where mask is 1; T − 1 without a mask): (B, D).
+    As transformers' sequence classifiers: the rightmost non-padding token, with left or right padding."""
+    if mask is None:
+        return x[:, -1]
+    idx = (torch.arange(x.shape[1], device=x.device) * (mask != 0).to(torch.int64)).argmax(-1)  # (B,)
+    return x[torch.arange(x.shape[0], device=x.device), idx]
+
+
+def longrope_inv_freq(dim: int, theta: float, factors: tuple[float, ...]) -> Tensor:
+    """LongRoPE's inverse frequencies (dim/2,): 1 / (factor_j · theta^(2j/dim)), as transformers computes them."""
+    exps = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # (dim/2,)
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * theta ** exps)
+
+
+def longrope_tables(x: Tensor, short: tuple[float, ...], long: tuple[float, ...], original: int,
+                    attention: float) -> tuple[Tensor, Tensor]:
+    """cos and sin (T, R) for LongRoPE (Phi-3): the short frequencies up to `original` positions, the long
+    ones past it (chosen in the graph from T, so ONNX follows the length), both times `attention`."""
+    t = x.shape[1]
+    pos = torch.arange(t, device=x.device, dtype=torch.float32)  # (T,)
+    beyond = (pos[-1:] + 1) > original  # (1,)
+    inv = torch.where(beyond, torch.tensor(long, device=x.device), torch.tensor(short, device=x.device))  # (R/2,)
+    freqs = pos[:, None] * inv  # (T, R/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, R)
+    return (emb.cos() * attention).to(x.dtype), (emb.sin() * attention).to(x.dtype)
+
+
+def scale(x: Tensor, s: float) -> Tensor:
+    """x × s with s first rounded to x's dtype, as Gemma's embedding normaliser (√D in bfloat16: 45.25, not 45.2548)."""
+    return x * torch.tensor(s, dtype=x.dtype, device=x.device)

@@ -120,11 +120,94 @@ def as_norm(v: V, what: str = "norm", allow_none: bool = False) -> S.Norm | None
 
 def as_positions(v: V) -> S.Positions:
     if isinstance(v.value, CallValue) and v.value.name == "rope":
-        return S.Positions("rope", **call_args(v, "positions", {"theta": lambda a: as_pos_float(a, "theta")}))
+        p = S.Positions("rope", **call_args(v, "positions", {"theta": lambda a: as_pos_float(a, "theta"),
+                                                              "scaling": as_rope_scaling}))
+        if p.scaling is not None and p.scaling.kind == "yarn" and p.theta <= 1:
+            raise SpecError(f"yarn scaling needs theta > 1, got {p.theta}", v.span,
+                            "its ramp is measured in rotations of theta^(2j/R)")
+        return p
     if isinstance(v.value, CallValue):
         name = v.value.name
         raise SpecError(f"unknown positions '{name}'", v.span, suggest(name, S.POSITIONS) or one_of(S.POSITIONS))
     return S.Positions(as_choice(v, "positions", S.POSITIONS))
+
+
+def _at_least_one(v: V, what: str) -> float:
+    x = as_float(v, what)
+    if x < 1:
+        raise SpecError(f"{what} must be at least 1, got {v.value}", v.span, "a scaling factor stretches the context")
+    return x
+
+
+def as_rope_scaling(v: V) -> S.RopeScaling | None:
+    """`linear(factor = 8)`, `dynamic(factor = 2, original = 2048)`, `llama3(factor = 8, low = 1, high = 4,
+    original = 8192)`, `yarn(factor = 4, original = 32768, beta_fast = 32, beta_slow = 1, attention = …)`."""
+    if _is_none(v):
+        return None
+    kinds = S.ROPE_SCALINGS
+    if not isinstance(v.value, CallValue):
+        if isinstance(v.value, Sym) and v.value.name in kinds:
+            raise SpecError(f"{v.value.name} scaling needs its factor", v.span, f"write {v.value.name}(factor = …)")
+        raise SpecError(f"scaling must be one of {', '.join(kinds)} (called with its arguments) or none, got {v.kind}",
+                        v.span, "write scaling = linear(factor = 4.0)")
+    kind = v.value.name
+    if kind not in kinds:
+        raise SpecError(f"unknown rope scaling '{kind}'", v.span, suggest(kind, kinds) or one_of(kinds))
+    convs = {
+        "factor": lambda a: _at_least_one(a, "factor"),
+        "original": lambda a: as_int(a, "original", lo=2),
+        "low": lambda a: as_pos_float(a, "low"),
+        "high": lambda a: as_pos_float(a, "high"),
+        "beta_fast": lambda a: as_pos_float(a, "beta_fast"),
+        "beta_slow": lambda a: as_pos_float(a, "beta_slow"),
+        "attention": lambda a: as_pos_float(a, "attention"),
+        "truncate": lambda a: as_bool(a, "truncate"),
+        "short": lambda a: _factors(a, "short"),
+        "long": lambda a: _factors(a, "long"),
+    }
+    names = S.ROPE_SCALING_ARGS[kind]
+    required = {"linear": ("factor",), "longrope": ("factor", "original", "short", "long")}.get(kind,
+                                                                                            ("factor", "original"))
+    args = call_args(v, "scaling", {k: convs[k] for k in names}, required=required)
+    f = args["factor"]
+    if kind == "yarn" and "attention" not in args:  # transformers' default: 0.1·ln(factor) + 1
+        args["attention"] = 0.1 * math.log(f) + 1.0 if f > 1 else 1.0
+    if kind == "longrope" and "attention" not in args:  # transformers' default: √(1 + ln(factor) / ln(original))
+        args["attention"] = math.sqrt(1 + math.log(f) / math.log(args["original"])) if f > 1 else 1.0
+    sc = S.RopeScaling(kind, **args)
+    if kind == "llama3" and sc.high <= sc.low:
+        raise SpecError(f"llama3 scaling needs high > low, got low = {sc.low}, high = {sc.high}", v.span,
+                        "Llama 3.1 uses low = 1.0, high = 4.0")
+    if kind == "yarn" and sc.beta_fast <= sc.beta_slow:
+        raise SpecError(f"yarn scaling needs beta_fast > beta_slow, got {sc.beta_fast} and {sc.beta_slow}", v.span,
+                        "the defaults are beta_fast = 32, beta_slow = 1")
+    return sc
+
+
+def _factors(v: V, what: str) -> tuple[float, ...]:
+    """longrope's per-frequency divisors: a list of positive numbers, one per rotated pair of dims."""
+    if not isinstance(v.value, list) or not v.value:
+        raise SpecError(f"{what} must be a list of positive numbers, one per pair of rotated dims, got {v.kind}",
+                        v.span)
+    return tuple(as_pos_float(i, f"a {what} factor") for i in v.value)
+
+
+def as_embed_scale(v: V) -> float | str | None:
+    """`scale = sqrt_width` (× √D, Gemma), a positive number, or none."""
+    if _is_none(v):
+        return None
+    if isinstance(v.value, Sym):
+        if v.value.name == "sqrt_width":
+            return "sqrt_width"
+        raise SpecError(f"unknown embedding scale '{v.value.name}'", v.span,
+                        suggest(v.value.name, ("sqrt_width",)) or "write scale = sqrt_width, or a number")
+    return as_pos_float(v, "scale")
+
+
+def as_softcap(v: V, what: str) -> float | None:
+    if _is_none(v):
+        return None
+    return as_pos_float(v, what)
 
 
 def as_input(v: V) -> str | S.Patches | tuple:
@@ -144,10 +227,14 @@ def as_input(v: V) -> str | S.Patches | tuple:
                 "patch": lambda a: as_int(a, "patch"),
                 "channels": lambda a: as_int(a, "channels"),
                 "cls": lambda a: as_bool(a, "cls"),
+                "distill": lambda a: as_bool(a, "distill"),
             },
             required=("image", "patch"),
         )
         p = S.Patches(**args)
+        if p.distill and not p.cls:
+            raise SpecError("a distillation token sits after the class token", v.span,
+                            "set cls = true (DeiT has both), or distill = false")
         if p.image % p.patch:
             raise SpecError(f"image size {p.image} is not a multiple of patch size {p.patch}", v.span)
         return p
@@ -272,14 +359,15 @@ def layer_span(spans: dict, path: str, layer: int, fallback: Span) -> Span:
 
 MODEL_FIELDS = ("vocab", "context", "width", "init", "conditions")
 MODEL_BLOCKS = ("embed", "layers", "head", "tasks")
-EMBED_FIELDS = ("input", "positions", "dropout", "norm", "segments", "experts", "condition", "adaptive")
-LAYER_FIELDS = ("norm", "placement", "dropout", "skippable", "modulate", "hyper")
+EMBED_FIELDS = ("input", "positions", "dropout", "norm", "segments", "experts", "condition", "adaptive", "scale")
+LAYER_FIELDS = ("norm", "placement", "dropout", "skippable", "modulate", "hyper", "parallel", "shared_norm")
 ATTN_FIELDS = ("heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout", "rotary_dim",
-               "window", "nested", "qk_norm")
-MLP_FIELDS = ("hidden", "activation", "bias", "nested")
+               "window", "nested", "qk_norm", "softcap", "scale", "qk_norm_over", "rope")
+MLP_FIELDS = ("hidden", "activation", "bias", "nested", "experts", "top_k", "normalize", "shared", "shared_gate")
 HEAD_FIELDS = {
-    "lm": ("norm", "tied", "bias", "transform"),
+    "lm": ("norm", "tied", "bias", "transform", "softcap"),
     "classify": ("norm", "classes", "pool", "pooler", "bias"),
+    "span": ("norm", "bias"),
     "none": ("norm",),
 }
 
@@ -335,6 +423,7 @@ def _embed(b: ast.Block | None, env: dict, spans: dict) -> S.Embed:
         experts=f.take("experts", as_experts),
         condition=f.take("condition", lambda v: as_film(v, "condition")),
         adaptive=f.take("adaptive", lambda v: as_film(v, "adaptive")),
+        scale=f.take("scale", as_embed_scale),
     )
 
 
@@ -499,6 +588,9 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
     skippable = pl.take("skippable", lambda v: as_bool(v, "skippable"), False)
     modulate = pl.take("modulate", lambda v: as_bool(v, "modulate"), False)
     hyper = pl.take("hyper", as_hyper, None)
+    parallel = pl.take("parallel", lambda v: as_bool(v, "parallel"), False)
+    shared = pl.take("shared_norm", lambda v: as_bool(v, "shared_norm"), False)
+    _check_parallel(placement, parallel, shared, spans, b.span)
 
     ab = lf.blocks.get("attention")
     if ab is None:
@@ -523,6 +615,10 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
     rotary = af.take("rotary_dim", lambda v: as_int(v, "rotary_dim"), lambda i: head_dim[i] if rope else None)
     window = af.take("window", lambda v: None if _is_none(v) else as_int(v, "window"), None)
     qk_norm = af.take("qk_norm", lambda v: as_norm(v, "qk_norm", allow_none=True), None)
+    softcap = af.take("softcap", lambda v: as_softcap(v, "softcap"), None)
+    ascale = af.take("scale", lambda v: None if _is_none(v) else as_pos_float(v, "scale"), None)
+    qk_over = af.take("qk_norm_over", lambda v: as_choice(v, "qk_norm_over", ("head", "all")), "head")
+    lrope = af.take("rope", lambda v: _layer_rope(v, rope), None)
     for i in range(n):
         if rotary[i] is not None and rotary[i] > head_dim[i]:
             raise SpecError(f"rotary_dim = {rotary[i]} exceeds head_dim = {head_dim[i]} in layer {i}",
@@ -550,25 +646,97 @@ def _layers(b: ast.Block, env: dict, width: int, spans: dict, rope: bool) -> lis
     act = mf.take("activation", lambda v: as_choice(v, "activation", S.ACTIVATIONS), "gelu")
     mbias = mf.take("bias", lambda v: as_bool(v, "bias"), True)
     mnest = mf.take("nested", as_fractions, None, listy=True)
+    moe = _moe_fields(mf, n, mnest, spans, mb.span)
     anest = af.take("nested", as_fractions, None, listy=True)
     for i in range(n):
+        if qk_over[i] == "all" and (qk_norm[i] is None or anest[i] is not None):
+            why = "needs a qk_norm" if qk_norm[i] is None else "cannot be nested: its gain covers every head"
+            raise SpecError(f"layer {i}: qk_norm_over = all {why}",
+                            layer_span(spans, "layers.attention.qk_norm_over", i, ab.span),
+                            "set qk_norm = rmsnorm(…)" if qk_norm[i] is None else "use qk_norm_over = head")
         _check_levels(mnest[i], hidden[i], "hidden units", _listy_span(spans, "layers.mlp.nested", i, mb.span))
         _check_levels(anest[i], kv[i], "kv head groups", _listy_span(spans, "layers.attention.nested", i, ab.span))
 
     return [
         S.Layer(
             attention=S.Attention(heads[i], kv[i], head_dim[i], value_dim[i], mask[i], bias[i], out_bias[i], adrop[i],
-                                  rotary[i], window[i], anest[i], qk_norm[i]),
-            mlp=S.MLP(hidden[i], act[i], mbias[i], mnest[i]),
+                                  rotary[i], window[i], anest[i], qk_norm[i], softcap[i], ascale[i],
+                                  qk_norm_over=qk_over[i], rope=lrope[i]),
+            mlp=S.MLP(hidden[i], act[i], mbias[i], mnest[i], *moe[i]),
             norm=norm[i],
             placement=placement[i],
             dropout=dropout[i],
             skippable=skippable[i],
             modulate=modulate[i],
             hyper=hyper[i],
+            parallel=parallel[i],
+            shared_norm=shared[i],
         )
         for i in range(n)
     ]
+
+
+def _layer_rope(v: V, rope: bool) -> S.Positions | None:
+    """A layer's own `rope(theta = …, scaling = …)` (Gemma 3: local and global layers), or none."""
+    if _is_none(v):
+        return None
+    if not rope:
+        raise SpecError("a layer's rope needs rotary positions", v.span,
+                        "set `embed { positions = rope(theta = …) }`, or remove the layer's rope")
+    p = as_positions(v)
+    if p.kind != "rope":
+        raise SpecError(f"a layer's rope must be rope(theta = …, scaling = …), got {p.kind}", v.span)
+    return p
+
+
+def _check_parallel(placement: list[str], parallel: list[bool], shared: list[bool], spans: dict, fallback: Span
+                    ) -> None:
+    """A parallel layer has pre-norms (its sublayers read the same input); a shared norm needs a parallel layer."""
+    for i, (pl, par, sh) in enumerate(zip(placement, parallel, shared, strict=True)):
+        if par and pl != "pre":
+            raise SpecError(f"layer {i} is parallel, so its norms sit before the sublayers: placement must be pre, "
+                            f"got {pl}", layer_span(spans, "layers.placement", i, fallback),
+                            "GPT-NeoX, Falcon and Phi-2 use placement = pre with parallel = true")
+        if sh and not par:
+            raise SpecError(f"shared_norm needs parallel = true (layer {i} is sequential)",
+                            layer_span(spans, "layers.shared_norm", i, fallback),
+                            "a sequential layer normalises each sublayer's own input; set parallel = true")
+
+
+def _moe_fields(mf: PerLayer, n: int, nested: list, spans: dict, fallback: Span) -> list[tuple]:
+    """Per layer (experts, top_k, normalize, shared, shared_gate) of a mixture-of-experts MLP; a dense
+    layer (experts = none) takes none of the other fields."""
+    experts = mf.take("experts", lambda v: None if _is_none(v) else as_int(v, "experts"), None)
+    top_k = mf.take("top_k", lambda v: None if _is_none(v) else as_int(v, "top_k"), None)
+    normalize = mf.take("normalize", lambda v: as_bool(v, "normalize"), True)
+    shared = mf.take("shared", lambda v: None if _is_none(v) else as_int(v, "shared"), None)
+    sgate = mf.take("shared_gate", lambda v: as_bool(v, "shared_gate"), False)
+    out = []
+    for i in range(n):
+        def at(key: str, i: int = i) -> Span:
+            return layer_span(spans, f"layers.mlp.{key}", i, fallback)
+
+        e = experts[i]
+        if e is None:
+            for key, v in (("top_k", top_k[i]), ("shared", shared[i]), ("shared_gate", sgate[i] or None),
+                           ("normalize", None if normalize[i] else False)):
+                if v is not None:
+                    raise SpecError(f"{key} applies to a mixture-of-experts MLP, and layer {i}'s has no experts",
+                                    at(key), "set `experts = N` in the mlp block, or remove " + key)
+            out.append((None, None, True, None, False))
+            continue
+        k = top_k[i] if top_k[i] is not None else min(2, e)
+        if k > e:
+            raise SpecError(f"top_k = {k} exceeds experts = {e} in layer {i}", at("top_k"),
+                            f"route each token to at most {e} experts")
+        if nested[i]:
+            raise SpecError(f"layer {i}: a mixture-of-experts MLP cannot be nested (MatFormer)", at("nested"),
+                            "remove `nested`, or `experts`")
+        if sgate[i] and shared[i] is None:
+            raise SpecError("shared_gate gates the shared expert, and there is none", at("shared_gate"),
+                            "add `shared = N` (its hidden size), or remove shared_gate")
+        out.append((e, k, normalize[i], shared[i], sgate[i]))
+    return out
 
 
 def _divisors(n: int) -> str:
@@ -607,7 +775,8 @@ def _head(b: ast.Block, env: dict, spans: dict) -> S.Head:
     if kind == "lm":
         return S.Head("lm", norm, tied=f.take("tied", lambda v: as_bool(v, "tied"), False),
                       bias=f.take("bias", lambda v: as_bool(v, "bias"), False),
-                      transform=f.take("transform", as_transform))
+                      transform=f.take("transform", as_transform),
+                      softcap=f.take("softcap", lambda v: as_softcap(v, "softcap")))
     if kind == "classify":
         return S.Head(
             "classify",
@@ -617,6 +786,8 @@ def _head(b: ast.Block, env: dict, spans: dict) -> S.Head:
             pool=f.take("pool", lambda v: as_choice(v, "pool", S.POOLS), "first"),
             pooler=f.take("pooler", lambda v: as_bool(v, "pooler"), False),
         )
+    if kind == "span":
+        return S.Head("span", norm, bias=f.take("bias", lambda v: as_bool(v, "bias"), True), classes=2)  # start, end
     return S.Head("none", norm)
 
 
@@ -642,7 +813,11 @@ def _check(spec: S.Spec, m: ast.Block, spans: dict) -> None:
             and spec.head.pool == "first":
         raise SpecError("pool = first needs a class token", spans.get("head.pool", spans["head"]).span,
                         "set patches(…, cls = true) or pool = mean")
+    if spec.head.kind == "classify" and spec.head.pool == "none" and spec.head.pooler:
+        raise SpecError("pool = none classifies every position, so there is no pooled vector for the pooler",
+                        spans["head.pooler"].span, "set pooler = false, or pool = first")
     if pos == "rope":
+        _check_rope_scaling(spec, spans, pspan.span if pspan else m.span)
         for i, layer in enumerate(spec.layers):
             a = layer.attention
             if a.rotary % 2:
@@ -656,6 +831,25 @@ def _check(spec: S.Spec, m: ast.Block, spans: dict) -> None:
     if spec.embed.segments and (not spec.reads_tokens or spec.multimodal):
         raise SpecError("segments (token_type_ids) need token input", spans["embed.segments"].span)
 
+
+
+def _check_rope_scaling(spec: S.Spec, spans: dict, fallback: Span) -> None:
+    """longrope lists one short and one long factor per rotated pair of dims of every layer it serves;
+    dynamic's exponent R/(R − 2) needs R ≥ 4 rotated dims."""
+    for i, ly in enumerate(spec.layers):
+        sc = spec.layer_rope(i).scaling
+        if sc is None:
+            continue
+        where = layer_span(spans, "layers.attention.rope" if ly.attention.rope is not None else "embed.positions", i,
+                           fallback)
+        r = ly.attention.rotary
+        if sc.kind == "dynamic" and r < 4:
+            raise SpecError(f"dynamic scaling needs at least 4 rotated dims, layer {i} rotates {r}", where,
+                            "its base grows with the exponent R/(R − 2)")
+        for k in ("short", "long") if sc.kind == "longrope" else ():
+            if len(getattr(sc, k)) != r // 2:
+                raise SpecError(f"longrope lists {len(getattr(sc, k))} {k} factors, but layer {i} rotates {r // 2} "
+                                f"pairs of dims", where, f"give one factor per pair: rotary_dim / 2 = {r // 2}")
 
 
 def _check_mpt(spec: S.Spec, m: ast.Block, spans: dict) -> None:
@@ -685,6 +879,9 @@ def _check_mpt(spec: S.Spec, m: ast.Block, spans: dict) -> None:
         if nested:
             raise SpecError(f"layer {i}: a hypernetwork delta on a nested projection is not supported",
                             layer_span(spans, "layers.hyper", i, m.span), "target a projection that is not nested")
+        if ly.mlp.moe and role and role.startswith("mlp."):
+            raise SpecError(f"layer {i}: a hypernetwork delta on a mixture-of-experts MLP is not supported",
+                            layer_span(spans, "layers.hyper", i, m.span), "target an attention projection")
     for t in spec.tasks:
         try:
             parse_choice(spec, t.mix, heads=t.heads, skip=t.skip)

@@ -34,6 +34,7 @@ from .atomic import atomic_file
 from .choice import Choice, level_names, sub_spec
 from .errors import MptcError
 from .graph import spec_of
+from .passes.scores import masked, mean_loss
 from .summary import human, summarize
 from .train import evaluate
 
@@ -231,6 +232,168 @@ def search(model: fx.GraphModule, budget: Budget, batches: list[Tensor] | None =
     for p in [*front, heur]:
         assert sizer.exact(p.mlp) == (p.params, p.flops), p.mix
     return SearchResult(budget, family, under, heur, best, front, uniform, uniform.get("xl"))
+
+
+# --- per-layer widths of a plain model ----------------------------------------------------
+
+
+@dataclass
+class PlainStep:
+    """One cut of the greedy search: what was cut, the sizes and the loss after it."""
+
+    cut: str  # "mlp 3", "kv 1" or "drop 2"
+    params: int
+    flops: int
+    loss: float
+
+
+@dataclass
+class PlainResult:
+    """Per-layer widths of a model without nesting, found under a budget."""
+
+    budget: Budget
+    mlp: tuple[float, ...]  # kept fraction of each layer's MLP units
+    heads: tuple[float, ...]  # kept fraction of each layer's kv groups
+    skip: tuple[int, ...]  # layers left out
+    params: int
+    flops: int
+    loss: float  # on the search batches, before any correction
+    steps: list[PlainStep] = field(default_factory=list)
+
+    units: tuple[int, ...] = ()  # kept MLP units per layer
+    groups: tuple[int, ...] = ()  # kept kv groups per layer
+    whole: tuple[tuple[int, int], ...] = ()  # per layer: (MLP units, kv groups) of the model
+
+    @property
+    def mix(self) -> str:
+        return ",".join("1" if u == n else f"{u}/{n}" for u, (n, _) in zip(self.units, self.whole, strict=True))
+
+    @property
+    def heads_text(self) -> str:
+        return ",".join("1" if g == n else f"{g}/{n}" for g, (_, n) in zip(self.groups, self.whole, strict=True))
+
+    def extract_args(self) -> list[str]:
+        """The `mptc extract` options that cut this sub-network out."""
+        out = ["--mix", self.mix]
+        if any(f < 1 for f in self.heads):
+            out += ["--heads", self.heads_text]
+        if self.skip:
+            out += ["--drop-layers", ",".join(map(str, self.skip))]
+        return out
+
+    def to_json(self) -> dict:
+        return {"budget": asdict(self.budget), "mix": self.mix, "heads": self.heads_text, "skip": list(self.skip),
+                "params": self.params, "flops": self.flops, "loss": self.loss, "steps": [asdict(x) for x in self.steps]}
+
+
+class LinearSizer:
+    """Exact parameters and FLOPs/token of a plain model with any per-layer MLP units, kv groups and
+    dropped layers, from three summaries: each layer's sizes are linear in its units and in its kv
+    groups (every matrix and every attention product scales with one of them)."""
+
+    def __init__(self, spec: S.Spec):
+        self.spec = spec
+        n = spec.n_layers
+        full = summarize(spec)
+        half_u = tuple(max(1, ly.mlp.hidden // 2) for ly in spec.layers)
+        half_g = tuple(max(1, ly.attention.kv_heads // 2) for ly in spec.layers)
+        su = summarize(sub_spec(spec, Choice(tuple(u / ly.mlp.hidden for u, ly in zip(half_u, spec.layers,
+                                                                                         strict=True)), (1.0,) * n)))
+        sg = summarize(sub_spec(spec, Choice((1.0,) * n, tuple(g / ly.attention.kv_heads for g, ly in
+                                                              zip(half_g, spec.layers, strict=True)))))
+        self.base = (full.params - sum(x.params for x in full.layers),
+                     full.flops_per_token - sum(x.flops_per_token for x in full.layers))
+        self.rows = []  # per layer: (params, flops) whole, per unit, per group
+        for i, ly in enumerate(spec.layers):
+            f, g = ly.mlp.hidden, ly.attention.kv_heads
+            whole = (full.layers[i].params, full.layers[i].flops_per_token)
+            du = f - half_u[i]
+            dg = g - half_g[i]
+            per_u = tuple((w - h) / du if du else 0.0 for w, h in zip(
+                whole, (su.layers[i].params, su.layers[i].flops_per_token), strict=True))
+            per_g = tuple((w - h) / dg if dg else 0.0 for w, h in zip(
+                whole, (sg.layers[i].params, sg.layers[i].flops_per_token), strict=True))
+            self.rows.append((whole, per_u, per_g))
+
+    def sizes(self, units: Sequence[int], groups: Sequence[int], skip: set[int] | frozenset[int]) -> tuple[int, int]:
+        out = list(self.base)
+        for i, (whole, per_u, per_g) in enumerate(self.rows):
+            if i in skip:
+                continue
+            ly = self.spec.layers[i]
+            for k in (0, 1):
+                out[k] += whole[k] - per_u[k] * (ly.mlp.hidden - units[i]) - per_g[k] * (
+                    ly.attention.kv_heads - groups[i])
+        return round(out[0]), round(out[1])
+
+    def exact(self, units: Sequence[int], groups: Sequence[int], skip: set[int] | frozenset[int]) -> tuple[int, int]:
+        """The same sizes from a summary of the extracted spec (a check of `sizes`)."""
+        mlp = tuple(u / ly.mlp.hidden for u, ly in zip(units, self.spec.layers, strict=True))
+        heads = tuple(g / ly.attention.kv_heads for g, ly in zip(groups, self.spec.layers, strict=True))
+        s = summarize(sub_spec(self.spec, Choice(mlp, heads, frozenset(skip))))
+        return s.params, s.flops_per_token
+
+
+def plain_search(model: fx.GraphModule, budget: Budget, batches: list[dict], what: Sequence[str] = ("mlp",),
+                 step: float = 1 / 16, progress=None) -> PlainResult:
+    """Per-layer widths of a model without nesting (reorder it first: the prefixes are cut), greedily:
+    from the whole model, cut whichever of one `step` of a layer's MLP units, one kv group of a layer
+    (`what` has "heads") or one whole layer (`what` has "layers") raises the loss on `batches` least per
+    parameter (or FLOP) saved, until the budget holds. The cut parts are silenced in place, so
+    each candidate costs one evaluation and nothing is copied."""
+    spec = spec_of(model)
+    if spec.nested:
+        raise MptcError(f"model '{spec.name}' is nested: search its trained granularities",
+                        hint="leave out --plain")
+    units = [ly.mlp.hidden for ly in spec.layers]
+    groups = [ly.attention.kv_heads for ly in spec.layers]
+    skip: set[int] = set()
+    sizer = LinearSizer(spec)
+    size = sizer.sizes(units, groups, skip)
+    metric = 0 if budget.metric == "params" else 1
+
+    def cuts(u, g, sk):
+        return {i: (u[i] if u[i] < ly.mlp.hidden else None,
+                    g[i] * (ly.attention.heads // ly.attention.kv_heads) if g[i] < ly.attention.kv_heads else None,
+                    i in sk) for i, ly in enumerate(spec.layers) if i in sk or u[i] < ly.mlp.hidden
+                or g[i] < ly.attention.kv_heads}
+
+    with masked(model, {}):
+        loss = mean_loss(model, batches)
+    steps = []
+    while size[metric] > budget.limit:
+        options = []
+        for i, ly in enumerate(spec.layers):
+            if i in skip:
+                continue
+            chunk = max(1, round(ly.mlp.hidden * step))
+            if "mlp" in what and units[i] - chunk >= 1:
+                options.append((f"mlp {i}", [*units[:i], units[i] - chunk, *units[i + 1:]], groups, skip))
+            if "heads" in what and groups[i] > 1:
+                options.append((f"kv {i}", units, [*groups[:i], groups[i] - 1, *groups[i + 1:]], skip))
+            if "layers" in what and len(skip) + 1 < spec.n_layers and ly.placement == "pre":
+                options.append((f"drop {i}", units, groups, skip | {i}))
+        if not options:
+            raise MptcError(f"no sub-network of these cuts ({', '.join(what)}) fits {budget}",
+                            hint="allow more kinds of cut (--what mlp,heads,layers) or a larger budget")
+        best = None
+        for cut, u, g, sk in options:
+            sz = sizer.sizes(u, g, sk)
+            with masked(model, cuts(u, g, sk)):
+                new_loss = mean_loss(model, batches)
+            rate = (new_loss - loss) / max(1, size[metric] - sz[metric])
+            if best is None or rate < best[0]:
+                best = (rate, cut, u, g, sk, sz, new_loss)
+        _, cut, units, groups, skip, size, loss = best
+        steps.append(PlainStep(cut, size[0], size[1], loss))
+        if progress:
+            progress(len(steps), size[metric])
+    assert sizer.exact(units, groups, skip) == size, (units, groups, skip)
+    mlp = tuple(u / ly.mlp.hidden for u, ly in zip(units, spec.layers, strict=True))
+    heads = tuple(g / ly.attention.kv_heads for g, ly in zip(groups, spec.layers, strict=True))
+    whole = tuple((ly.mlp.hidden, ly.attention.kv_heads) for ly in spec.layers)
+    return PlainResult(budget, mlp, heads, tuple(sorted(skip)), size[0], size[1], loss, steps, tuple(units),
+                       tuple(groups), whole)
 
 
 # --- output --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .graph import param_info, spec_of
 from .lower import lower
 
 MATMUL_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.gate", "mlp.down", "head.out", "head.transform",
-                "head.pooler", "embed.patch")
+                "head.pooler", "embed.patch", "mlp.router", "mlp.shared_gate")
 
 
 @dataclass
@@ -64,7 +64,7 @@ def summarize(src: S.Spec | fx.GraphModule) -> Summary:
         if name not in seen:
             part.params += _numel(shape)
             seen.add(name)
-        if info.role in MATMUL_ROLES and len(shape) == 2:
+        if info.role in MATMUL_ROLES and len(shape) in (2, 3):  # (E, out, in): every expert runs (dense form)
             part.flops_per_token += 2 * _numel(shape)
     if spec.head.kind == "lm" and spec.head.tied:
         v, d = spec.vocab, spec.width
@@ -76,7 +76,8 @@ def summarize(src: S.Spec | fx.GraphModule) -> Summary:
         layers[i].flops_per_token += 2 * a.heads * (a.head_dim + a.value_dim) * t
         kv = f"{a.heads}" if a.kv_heads == a.heads else f"{a.heads}/{a.kv_heads}kv"
         vd = "" if a.value_dim == a.head_dim else f", v {a.value_dim}"
-        layers[i].desc = f"attn {kv}×{a.head_dim}{vd} {a.mask} · mlp {m.hidden} {m.activation}"
+        moe = f" · {m.experts} experts top {m.top_k}" if m.experts is not None else ""
+        layers[i].desc = f"attn {kv}×{a.head_dim}{vd} {a.mask} · mlp {m.hidden} {m.activation}{moe}"
     p = spec.patches
     inputs = ([f"patches {p.image}/{p.patch}×{p.channels}"] if p else []) + \
         ([f"tokens {spec.vocab}"] if spec.reads_tokens else [])

@@ -40,9 +40,10 @@ from .grow import (
     GrowVocab,
     GrowWidth,
 )
+from .moe import UpcycleMoE
 from .pipeline import Pipeline, Report, grow_optimizer
 
-PASSES: dict[str, type[Pass]] = {p.name: p for p in (*GROWTH, Extract, Reorder)}
+PASSES: dict[str, type[Pass]] = {p.name: p for p in (*GROWTH, UpcycleMoE, Extract, Reorder)}
 ENTRY_POINTS = "mptc.passes"  # the entry-point group of installed pass packages
 
 
@@ -134,6 +135,7 @@ grow_vocab = GrowVocab
 grow_context = GrowContext
 extract = Extract
 reorder = Reorder
+upcycle_moe = UpcycleMoE
 
 __all__ = [
     "KNOWN_ROLES",
@@ -157,6 +159,7 @@ __all__ = [
     "PassRefused",
     "Pipeline",
     "Reorder",
+    "UpcycleMoE",
     "Report",
     "add_heads",
     "add_kv_heads",
@@ -181,4 +184,5 @@ __all__ = [
     "reorder",
     "sites",
     "spec_of",
+    "upcycle_moe",
 ]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import re
 from dataclasses import MISSING, dataclass, fields
 from typing import ClassVar
 
@@ -39,6 +41,8 @@ class Pass:
     exact: ClassVar[bool] = True  # the function is preserved: equal to `reference(old)`'s
     f32_tol: ClassVar[float] = 1e-5
     handles: ClassVar[frozenset[str]] = frozenset()  # the parameter roles (`lower.Role`) it knows how to rewrite
+    # the optional language features (`spec.Feature`) it has a rule for; a spec using any other is refused
+    features: ClassVar[frozenset[S.Feature]] = S.BASE_FEATURES
 
     def __post_init__(self):
         init = getattr(self, "init", None)
@@ -56,36 +60,50 @@ class Pass:
             raise PassRefused(f"{self.name}: std must be a finite non-negative number, got {std}")
 
     def params(self) -> dict:
+        """The arguments pass text can write (fields marked `metadata={"text": False}`, such as
+        calibration tensors given from Python, are left out)."""
         out = {}
         for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v.describe() if isinstance(v, Init) else v
+            if f.metadata.get("text", True):
+                v = getattr(self, f.name)
+                out[f.name] = v.describe() if isinstance(v, Init) else v
         return out
 
     def __str__(self) -> str:
-        args = ", ".join(f"{k} = {v}" for k, v in self.params().items() if v is not None)
+        """The pass as text that `mptc grow -p` reads back (every argument that is set)."""
+        args = ", ".join(f"{f.name} = {text_value(getattr(self, f.name))}" for f in fields(self)
+                         if f.metadata.get("text", True) and getattr(self, f.name) is not None)
         return f"{self.name}({args})"
 
     def call(self) -> str:
         """The pass as it would be written: the arguments that differ from their defaults."""
         args = []
         for f in fields(self):
+            if not f.metadata.get("text", True):
+                continue
             v = getattr(self, f.name)
             default = f.default_factory() if f.default_factory is not MISSING else f.default
             if v != default:
-                shown = v.describe() if isinstance(v, Init) else repr(v).replace("e+", "e") if isinstance(v, float) \
-                    else v
-                args.append(f"{f.name} = {shown}")
+                args.append(f"{f.name} = {text_value(v)}")
         return f"{self.name}({', '.join(args)})"
 
     def requires(self, model: fx.GraphModule) -> None:
         """Raise PassError, saying why and what would work, if the pass cannot apply. Here: refuse a
-        model holding a parameter whose role is not in `handles` (subclasses call this first)."""
+        model using a language feature not in `features`, or holding a parameter whose role is not in
+        `handles` (subclasses call this first)."""
+        self.require_features(spec_of(model))
         for name, info in param_info(model).items():
             if info.role not in self.handles:
                 raise PassRefused(f"{self.name} does not know how to rewrite {name} ({info.describe()})",
                                   hint=f"{self.name} rewrites only the parameter roles it declares (`handles`), "
                                   f"and {info.role} is not one of them; use another pass, or leave that part out")
+
+    def require_features(self, spec: S.Spec) -> None:
+        """Refuse, by name, the first language feature of `spec` this pass has no rule for."""
+        for f in sorted(S.features(spec) - self.features):
+            raise PassRefused(f"{self.name} does not handle {f} ({S.FEATURE_FIELDS[f]})",
+                              hint=f"{self.name} declares the language features it has a rule for (`features`), and "
+                              f"{f} is not one of them; leave {S.FEATURE_FIELDS[f]} out, or use another pass")
 
     def change(self, model: fx.GraphModule) -> Change:
         raise NotImplementedError
@@ -126,6 +144,22 @@ class Pass:
     def comparable(self, old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The parts of the old and new outputs that must agree (all of them, by default)."""
         return old, new
+
+
+def text_value(v) -> str:
+    """A pass argument as pass text: names bare, other strings quoted, lists bracketed, true/false."""
+    if isinstance(v, Init):
+        return v.describe()
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v).replace("e+", "e")
+    if isinstance(v, str):
+        bare = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v) and v not in ("true", "false", "none")
+        return v if bare else json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(text_value(x) for x in v) + "]"
+    return str(v)
 
 
 SIZES = ("hidden", "value", "dim", "width", "vocab", "context")  # arguments that set a size: 1 or more

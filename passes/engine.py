@@ -257,6 +257,8 @@ def check_claim(c: TensorClaim, old: Tensor | None, new: Tensor) -> str | None:
             return f"{c.name}: claimed zero, has {int(new.count_nonzero())} non-zero entries"
         return None
     assert old is not None
+    if c.old_shape is not None:
+        old = lifted(old, c.old_shape)
     new_sel, old_sel = kept_entries(c.srcs)
     if not _same(take(new, new_sel), scaled(take(old, old_sel), scale_at(c.scale, new_sel), new.dtype)):
         return f"{c.name}: the entries taken from {c.source} differ from it" + _times_text(c.scale)
@@ -359,15 +361,17 @@ class Change:
     origin: Callable[[str], tuple[str | None, bool]] | None = None  # new name → (old name, is fresh)
     init: Init = field(default_factory=Init)
     layer_origin: dict[int, int] | None = None  # new layer index → old one, where layers move
+    # symbols the old model lacks, each standing for an axis of size 1 there: a dense MLP's tensors are one
+    # expert of a mixture (E[l] → 1), so its (F, D) weight is read as (1, F, D) and copied along E[l]
+    lift: frozenset[str] = frozenset()
 
     def old_sizes(self, old: dict[str, int]) -> dict[str, int]:
         """The old sizes of the symbols by their new names (per-layer symbols follow moved layers)."""
-        if not self.layer_origin:
-            return old
-        out = dict(old)
-        for new_i, old_i in self.layer_origin.items():
-            for s in ("H", "G", "K", "Dv", "F"):
-                out[f"{s}[{new_i}]"] = old[f"{s}[{old_i}]"]
+        out = dict(old) | dict.fromkeys(self.lift, 1)
+        for new_i, old_i in (self.layer_origin or {}).items():
+            for s in ("H", "G", "K", "Dv", "F", "E", "Fs"):
+                if f"{s}[{old_i}]" in old:
+                    out[f"{s}[{new_i}]"] = old[f"{s}[{old_i}]"]
         return out
 
 
@@ -394,6 +398,8 @@ def remap(model: fx.GraphModule, change: Change) -> tuple[fx.GraphModule, Certif
         shape = tuple(out.get_parameter(name).shape)
         src_name, fresh = change.origin(name) if change.origin else (name, False)
         old = old_sd.get(src_name) if src_name else None
+        if old is not None and change.lift and any(s in change.lift for ax in info.axes for s in ax):
+            old = lifted(old, tuple(math.prod(old_sizes[s] for s in ax) for ax in info.axes))
         srcs = [_axis_src(ax, change.maps, old_sizes, new_sizes) for ax in info.axes]
         scale = change.scale(name, info) if change.scale and not fresh else 1.0
         if isinstance(scale, Tensor):
@@ -419,6 +425,13 @@ def remap(model: fx.GraphModule, change: Change) -> tuple[fx.GraphModule, Certif
     out.load_state_dict(new_sd, strict=True, assign=True)  # the tensors themselves: no copy, dtype kept
     out.train(model.training)
     return out, cert
+
+
+def lifted(old: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """An old tensor seen with the axes of size 1 its new form adds (a dense weight as one expert)."""
+    if tuple(old.shape) == shape or old.numel() != math.prod(shape):
+        return old
+    return old.reshape(shape)
 
 
 def scaled(x: Tensor, scale: float | Tensor, dtype: torch.dtype) -> Tensor:

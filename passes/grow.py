@@ -32,7 +32,14 @@ KNOWN_ROLES: frozenset[Role] = frozenset({
     Role.MLP_DOWN, Role.HEAD_OUT, Role.HEAD_POOLER, Role.HEAD_TRANSFORM, Role.NORM_EMBED, Role.NORM_ATTN,
     Role.NORM_MLP, Role.NORM_HEAD, Role.NORM_TRANSFORM,
     Role.NORM_Q, Role.NORM_K,  # q/k norms run over K: kept by every pass but grow_qk, which refuses them
+    Role.MLP_ROUTER, Role.MLP_SHARED_GATE,  # mixture-of-experts MLPs (the feature "moe mlp")
+    # sublayer output norms exist only with the features "sandwich norms" / "output norms", which no growth
+    # pass declares (`GROWTH_FEATURES`): the feature gate refuses those models first
+    Role.NORM_ATTN_OUT, Role.NORM_MLP_OUT,
 })
+# The language features every growth rule here was checked for: the base language and mixture-of-experts
+# MLPs (the expert axis E[l] is never grown by them; F[l] is each expert's hidden size).
+GROWTH_FEATURES: frozenset[S.Feature] = S.BASE_FEATURES | {S.Feature.MOE_MLP}
 
 
 def _not_nested(what: str, spec: S.Spec, i: int, block: str) -> None:
@@ -66,6 +73,7 @@ class GrowMLP(Pass):
 
     name = "grow_mlp"
     handles = KNOWN_ROLES
+    features = GROWTH_FEATURES
     hidden: int | None = None
     factor: float | None = None
     layers: list[int] | None = None
@@ -111,6 +119,7 @@ class AddHeads(Pass):
 
     name = "add_heads"
     handles = KNOWN_ROLES
+    features = GROWTH_FEATURES
     n: int = 1
     layers: list[int] | None = None
     mode: str | None = None  # join | kv
@@ -169,6 +178,7 @@ class AddKVHeads(Pass):
 
     name = "add_kv_heads"
     handles = KNOWN_ROLES
+    features = GROWTH_FEATURES
     n: int = 1
     layers: list[int] | None = None
 
@@ -208,6 +218,7 @@ class GrowHeadDim(Pass):
 
     name = "grow_head_dim"
     handles = KNOWN_ROLES
+    features = GROWTH_FEATURES
     value: int = 0
     layers: list[int] | None = None
     init: Init = field(default_factory=Init)
@@ -237,6 +248,7 @@ class GrowQK(Pass):
 
     name = "grow_qk"
     handles = KNOWN_ROLES
+    features = GROWTH_FEATURES
     dim: int = 0
     layers: list[int] | None = None
     init: Init = field(default_factory=Init)
@@ -281,48 +293,138 @@ class GrowQK(Pass):
 
 @dataclass
 class GrowWidth(Pass):
-    """D ↑: new embedding columns and every residual writer's new rows zero, readers' new
-    columns free; gains of RMSNorms over D × √(D/D') and eps × D/D', so the result is exact.
-    Norms over other symbols (q/k norms over K) read values the growth leaves unchanged, so they
-    are kept. LayerNorm over D is refused: zero padding changes its mean and variance."""
+    """D ↑, two exact rules.
+
+    Duplication (`factor = k`, or `width = k·D`): every channel is copied k times, x → [x, x, …].
+    Embeddings and residual writers duplicate their outputs, every reader divides its input columns
+    by k, norm gains and shifts duplicate with eps unchanged (the mean, variance and RMS of [x, x]
+    are those of x), so LayerNorm and RMSNorm, pre- and post-norm, are exact; a tied head reads the
+    token table twice, so the norm before it is scaled by 1/k.
+
+    Zero padding (`width = N`, RMSNorm models): new embedding columns and residual writers' new rows
+    zero, readers' new columns free; RMSNorm gains × √(D/D') and eps × D/D'. LayerNorm is refused
+    here: zero-padded channels change its mean and variance.
+
+    Norms over other symbols (q/k norms over K) read values the growth leaves unchanged, so they are
+    kept. A `head none` model's output widens too: the check compares the old output with the new
+    one's copies (duplication) or its first D channels (zero padding).
+    """
 
     name = "grow_width"
     handles = KNOWN_ROLES
-    width: int = 0
+    features = GROWTH_FEATURES
+    width: int | None = None
+    factor: float | None = None
     init: Init = field(default_factory=Init)
+
+    def copies(self, model: fx.GraphModule) -> int | None:
+        """k when channels are duplicated k times; None for zero padding."""
+        spec = spec_of(model)
+        if (self.width is None) == (self.factor is None):
+            raise PassError("grow_width needs exactly one of `width = N` or `factor = k`")
+        if self.factor is not None:
+            if float(self.factor) != int(self.factor):
+                raise PassRefused(f"grow_width(factor = {self.factor}): the factor must be a whole number, since "
+                                  "each channel is copied that many times", hint="use factor = 2, 3, …, or "
+                                  "width = N on an RMSNorm model (zero padding)")
+            return int(self.factor)
+        _not_smaller(self.name, "width", spec.width, self.width)
+        if any(n.kind == "layernorm" for n in _norms(spec) if n is not None):
+            if self.width % spec.width:
+                raise PassRefused(
+                    f"grow_width(width = {self.width}) is not exact for LayerNorm: zero-padded channels change the "
+                    "mean and the variance it normalises by, and only a multiple of the width "
+                    f"({spec.width}) can be reached by copying channels",
+                    hint=f"use width = {2 * spec.width} (or factor = 2), which duplicates every channel")
+            return self.width // spec.width
+        return None
 
     def requires(self, model):
         super().requires(model)
         spec = spec_of(model)
-        _not_smaller(self.name, "width", spec.width, self.width)
+        k = self.copies(model)
         for name, info in param_info(model).items():
             if IO.NORM in info.io and info.norm_over is None:
                 raise PassRefused(f"grow_width does not know how to grow {name} ({info.describe()}): it does not say "
                                   "which axis it normalises over", hint="only norms over D are rescaled")
-        norms = [n for n in _norms(spec) if n is not None]
-        if any(n.kind == "layernorm" for n in norms):
-            raise PassError("grow_width is not exact for LayerNorm: zero-padded channels change the mean and the "
-                            "variance it normalises by", hint="grow RMSNorm models, or convert the norms first")
+        if spec.embed.positions.kind == "sinusoidal":
+            raise PassRefused("grow_width is not exact with sinusoidal positions: the table's frequencies depend on "
+                              "the width, so the position signal of every channel would change",
+                              hint="grow models with learned, rope or no positions")
+        if k is not None and spec.head.kind == "lm" and spec.head.tied and self._tied_norm(spec) is None:
+            where = "transform" if spec.head.transform is not None else "head"
+            raise PassRefused(f"grow_width cannot copy channels under a tied head without a norm before it: the "
+                              f"token table is read by the head too, so its input must be scaled by 1/{k}, and "
+                              f"only a norm's gain can do that exactly (the {where} has none)",
+                              hint="add a norm before the head, or untie it")
+
+    @staticmethod
+    def _tied_norm(spec: S.Spec) -> Role | None:
+        """The role of the norm right before a tied head's matrix (None: there is none)."""
+        t = spec.head.transform
+        if t is not None:
+            return Role.NORM_TRANSFORM if t.norm is not None else None
+        return Role.NORM_HEAD if spec.head.norm is not None else None
+
+    def _new_width(self, model: fx.GraphModule) -> int:
+        k = self.copies(model)
+        return spec_of(model).width * k if k is not None else self.width
 
     def new_spec(self, model):
         spec = spec_of(model)
+        if self.copies(model) is not None:
+            return spec.replace(width=self._new_width(model))
         f = spec.width / self.width
 
         def norm(n: S.Norm | None) -> S.Norm | None:
             return None if n is None else replace(n, eps=n.eps * f)
 
+        t = spec.head.transform
         return spec.replace(
             width=self.width,
             embed=replace(spec.embed, norm=norm(spec.embed.norm)),
             layers=tuple(replace(ly, norm=norm(ly.norm)) for ly in spec.layers),
-            head=replace(spec.head, norm=norm(spec.head.norm)),
+            head=replace(spec.head, norm=norm(spec.head.norm),
+                         transform=None if t is None else replace(t, norm=norm(t.norm))),
         )
 
     def change(self, model):
         spec = spec_of(model)
-        g = math.sqrt(spec.width / self.width)
-        return Change(self.new_spec(model), {"D": grow_map(spec.width, self.width)}, zero_side=IO.OUT,
-                      init=self.init, scale=lambda name, info: g if info.norm_over == "D" else 1.0)
+        k = self.copies(model)
+        new = self.new_spec(model)
+        self._copies = k
+        if k is None:
+            g = math.sqrt(spec.width / self.width)
+            return Change(new, {"D": grow_map(spec.width, self.width)}, zero_side=IO.OUT, init=self.init,
+                          scale=lambda name, info: g if info.norm_over == "D" else 1.0)
+        tied = self._tied_norm(spec) if spec.head.kind == "lm" and spec.head.tied else None
+
+        def scale(name: str, info) -> float:
+            reads = sum(io == IO.IN and "D" in ax for io, ax in zip(info.io, info.axes, strict=True))
+            return (1.0 / k) ** (reads + (info.role == tied))
+
+        return Change(new, {"D": torch.arange(k * spec.width) % spec.width}, init=self.init, scale=scale)
+
+    def comparable(self, old, new):
+        """A wider last-hidden-state output (head none): its copies, or its first D channels, against the old."""
+        if old.shape[:-1] != new.shape[:-1] or new.shape[-1] <= old.shape[-1]:
+            return old, new
+        k = getattr(self, "_copies", None)
+        if k is not None and new.shape[-1] == k * old.shape[-1]:
+            return torch.cat([old] * k, dim=-1), new
+        return old, new[..., : old.shape[-1]]
+
+    def notes(self, old: fx.GraphModule) -> list[str]:
+        """What the check compared, where it is not the whole output."""
+        spec = spec_of(old)
+        if spec.head.kind != "none":
+            return []
+        k = self.copies(old)
+        if k is not None:
+            return [f"head none: the output widens from {spec.width} to {k * spec.width} channels; the check "
+                    f"compared each of its {k} copies with the old output"]
+        return [f"head none: the output widens from {spec.width} to {self.width} channels; the check compared "
+                f"the first {spec.width} with the old output (the new ones are zero)"]
 
 
 def _shift_task(t: S.Task, at: int, n: int, layers: int) -> S.Task:
@@ -337,7 +439,9 @@ def _shift_task(t: S.Task, at: int, n: int, layers: int) -> S.Task:
 
 
 def _norms(spec: S.Spec) -> list[S.Norm | None]:
-    return [spec.embed.norm, spec.head.norm, *(ly.norm for ly in spec.layers)]
+    """Every norm over D: embeddings, layers, the final norm and an lm transform's."""
+    t = spec.head.transform
+    return [spec.embed.norm, spec.head.norm, t.norm if t is not None else None, *(ly.norm for ly in spec.layers)]
 
 
 @dataclass
@@ -347,6 +451,7 @@ class AddLayers(Pass):
 
     name = "add_layers"
     handles = KNOWN_ROLES
+    features = GROWTH_FEATURES
     n: int = 1
     at: int | None = None  # insert before this layer index; default: at the end
     init: Init = field(default_factory=Init)
@@ -403,6 +508,7 @@ class GrowVocab(Pass):
 
     name = "grow_vocab"
     handles = KNOWN_ROLES
+    features = GROWTH_FEATURES
     vocab: int = 0
     init: Init = field(default_factory=Init)
 
@@ -440,6 +546,7 @@ class GrowContext(Pass):
 
     name = "grow_context"
     handles = KNOWN_ROLES
+    features = GROWTH_FEATURES
     context: int = 0
     init: Init = field(default_factory=Init)
 

@@ -87,12 +87,16 @@ def _field_types(cls: type[Pass]) -> dict[str, Any]:
 CHOICES: dict[tuple[str, str], tuple[tuple[str, ...], str | None]] = {
     ("add_heads", "mode"): (("join", "kv"),
                             "join: new query heads join the kv groups; kv: they come with new kv heads"),
-    ("reorder", "by"): (("weight", "activation"), None),
+    ("reorder", "by"): (("weight", "activation", "taylor"), None),
+    ("extract", "correct"): (("lsq",), "lsq: refit each shrunk projection's consumer by ridge least squares"),
     ("reorder", "what"): (("mlp", "heads", "both"), None),
 }
 GRANULARITIES = {("extract", "mlp"), ("extract", "mix"), ("extract", "heads"), ("extract", "task")}
 NOUNS = {"layers": "a layer index", "drop_layers": "a layer index"}  # what one entry of a list field is called
-NOT_TEXT = {("reorder", "calibration"): "use --data FILES"}  # fields text cannot give, and what to do instead
+# fields text cannot give, and what to do instead
+NOT_TEXT = {("reorder", "calibration"): "use data = FILES (or --data FILES)",
+            ("extract", "calibration"): "use data = FILES (or --data FILES)",
+            ("extract", "held_out"): "use data = FILES (or --data FILES)"}
 
 
 def _argument(pass_name: str, key: str, tp: Any, v: V):

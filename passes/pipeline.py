@@ -11,7 +11,7 @@ from torch import fx
 from mptc.graph import spec_of
 
 from .base import CheckFailed, Pass, PassError, PassRefused
-from .engine import Certificate, TensorClaim, kept_entries, put, scale_at, take
+from .engine import Certificate, TensorClaim, kept_entries, lifted, put, scale_at, take
 from .verify import (
     F32_TOL,
     F64_TOL,
@@ -38,6 +38,7 @@ class PassReport:
     max_abs_error_float32: float
     seconds: float
     verify_seconds: float
+    notes: list[str] = field(default_factory=list)  # what the check compared, and changes made after it
 
 
 @dataclass
@@ -108,11 +109,17 @@ class Pipeline:
             e64, e32 = self._verify(p, model, new, cert, carry) if check else (float("nan"),) * 2
             if not check:
                 carry.keep(None, {})
+            notes = p.notes(model) if hasattr(p, "notes") else []
+            after = p.after_check(new) if hasattr(p, "after_check") else None
+            if after is not None:  # a change made on purpose after the check (upcycle_moe's noise)
+                new, more = after
+                notes += more
+                carry.keep(None, {})  # the checked outputs are not this model's
             t2 = time.perf_counter()
             if optimizer is not None:
                 optimizer = grow_optimizer(optimizer, model, new, cert)
             report.passes.append(PassReport(
-                p.name, str(p), _count(model), _count(new), cert.to_json(), e64, e32, t1 - t0, t2 - t1))
+                p.name, str(p), _count(model), _count(new), cert.to_json(), e64, e32, t1 - t0, t2 - t1, notes))
             model = new
         report.optimizer = optimizer
         return model, report
@@ -212,6 +219,7 @@ def _map_state(key: str, v, c: TensorClaim | None, p: torch.Tensor):
     if c.fresh:
         return out
     new_sel, old_sel = kept_entries(c.srcs)
+    v = lifted(v, c.old_shape) if c.old_shape else v
     s = scale_at(c.scale, new_sel)
     s = s ** (2 if key in ("exp_avg_sq", "max_exp_avg_sq") else 1)
     put(out, new_sel, take(v, old_sel) * (s.to(v.dtype) if torch.is_tensor(s) else s))

@@ -14,7 +14,7 @@ from mptc.graph import spec_of
 from mptc.inputs import example_inputs
 from mptc.schema import parse
 
-from .engine import Certificate, check_claim, check_shapes, is_one, kept_entries, put, scale_at, take
+from .engine import Certificate, check_claim, check_shapes, is_one, kept_entries, lifted, put, scale_at, take
 
 F64_TOL = 1e-9
 F32_TOL = 1e-5
@@ -110,7 +110,8 @@ def exact_values(old: fx.GraphModule, new: fx.GraphModule, cert: Certificate) ->
             continue
         t = new.get_parameter(c.name).detach().to(torch.float64, copy=True)
         new_sel, old_sel = kept_entries(c.srcs)
-        put(t, new_sel, take(old.get_parameter(c.source).detach(), old_sel).to(torch.float64) *
+        src = lifted(old.get_parameter(c.source).detach(), c.old_shape) if c.old_shape else old.get_parameter(c.source)
+        put(t, new_sel, take(src.detach(), old_sel).to(torch.float64) *
             scale_at(c.scale, new_sel))
         out[c.name] = t
     return out

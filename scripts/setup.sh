@@ -15,3 +15,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
   echo "$want" > "$stamp"
 fi
+# Optimum's ONNX Runtime models pin an older transformers: their own environment (tests/test_deploy.py)
+bash scripts/optimum-env.sh

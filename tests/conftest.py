@@ -9,6 +9,8 @@ import torch
 
 import mptc
 
+from .decoders import gpt2_decoder, grown_decoder, llama_decoder, mistral_decoder, qwen2_decoder  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.mpt"))
 TINY = sorted((Path(__file__).parent / "specs").glob("tiny-*.mpt"))

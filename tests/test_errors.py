@@ -148,7 +148,7 @@ TYPES = [
     case("int-for-bool", gpt("head lm { }", "head lm { tied = 1 }"),
          "tied must be true or false, got an integer", 9, 20),
     case("string-for-choice", gpt("hidden = 128", 'hidden = 128, activation = "gelu"'),
-         "activation must be one of gelu, gelu_tanh, relu, silu, swiglu, geglu; got a string", 7, 38),
+         "activation must be one of gelu, gelu_tanh, relu, silu, swiglu, geglu, geglu_tanh; got a string", 7, 38),
     case("name-for-layer-count", gpt("layers 2", "layers n"),
          "the number of layers must be a whole number, got the name 'n'", 5, 10),
     case("bad-item-in-per-layer-list", gpt("heads = 4", "heads = [4, true]"),

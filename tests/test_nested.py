@@ -93,7 +93,7 @@ def test_extracted_model_keeps_its_inner_nesting_and_can_be_cut_again():
     (dict(mlp="xs"), "unknown granularity 'xs' for layer 0"),
     (dict(mlp="0.3"), "granularity 0.3 is not one of layer 0's nested MLP levels"),
     (dict(mix="s,m"), "the mix lists 2 granularities but the model has 4 layers"),
-    (dict(drop_layers=[0]), "layer 0 is not skippable"),
+    (dict(drop_layers=[0, 1, 2, 3]), "cannot drop every layer"),
     (dict(drop_layers=[9]), "cannot drop layer 9"),
     (dict(mlp="xl"), "this choice is the whole model"),
 ])
@@ -164,6 +164,6 @@ def test_cli_extract_onnx_and_run_mix(tmp_path, capsys):
     np.testing.assert_allclose(np.load(tmp_path / "onnx.npy"), np.load(tmp_path / "parent.npy"), atol=1e-4)
     assert main(["extract", src, "-o", str(tmp_path / "x")]) == 1
     assert "say what to extract" in capsys.readouterr().err
-    assert main(["extract", src, "--drop-layers", "0", "-o", str(tmp_path / "x")]) == 1
-    assert "layer 0 is not skippable" in capsys.readouterr().err
+    assert main(["extract", str(SPECS / "tiny-bert.mpt"), "--drop-layers", "0", "-o", str(tmp_path / "x")]) == 1
+    assert "layer 0 has placement = post: only a pre-norm layer (or a skippable one)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -140,3 +140,26 @@ def test_cli_search_errors(tmp_path, capsys):
     assert main(["search", str(spec), "--budget", "params=1M", "--plot", str(tmp_path / "x.png")]) == 1
     assert "--plot needs held-out losses" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_search_of_a_plain_model_gives_per_layer_widths_that_extract_and_compile(tmp_path, capsys):
+    """A model without nesting: the greedy search over MLP units, kv groups and layers, then the
+    printed `mptc extract` command, whose result fits the budget and compiles to ONNX."""
+    plain = SPEC.replace(", nested = [1/8, 1/4, 1/2, 1]", "").replace("heads = 2,", "heads = 2, kv_heads = 2,")
+    mptc.save(mptc.build(mptc.parse(plain), seed=0), tmp_path / "m")
+    full = mptc.summarize(mptc.parse(plain)).params
+    js = tmp_path / "w.json"
+    assert main(["search", str(tmp_path / "m"), "--data", *FILES, "--budget", f"params={full - 20_000}",
+                 "--what", "mlp,heads,layers", "--eval-batches", "1", "--batch", "4", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "per-layer widths under params" in out and "extract it: mptc extract" in out
+    r = json.loads(js.read_text())
+    assert r["params"] <= full - 20_000 and len(r["mix"].split(",")) == 3
+    args = ["--mix", r["mix"], "--heads", r["heads"]] + (["--drop-layers", ",".join(map(str, r["skip"]))]
+                                                         if r["skip"] else [])
+    assert main(["extract", str(tmp_path / "m"), *args, "-o", str(tmp_path / "sub")]) == 0, capsys.readouterr()
+    sub = mptc.load_model(tmp_path / "sub")
+    assert sum(p.numel() for p in sub.parameters()) == r["params"]
+    assert main(["compile", str(tmp_path / "sub"), "-o", str(tmp_path / "sub.onnx")]) == 0
+    assert main(["search", str(tmp_path / "m"), "--budget", "params=10K"]) == 1
+    assert "a model without nesting is searched on measured losses" in capsys.readouterr().err

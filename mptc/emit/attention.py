@@ -1,0 +1,179 @@
+"""Portable attention from standard ONNX ops: masks, rotary embeddings, GQA by broadcasting, KV cache.
+
+Symbols: B batch, S new positions, P cached positions, T = P + S, H query heads, G kv heads, K query/key
+dim, Dv value dim, R rotary dims. Without a cache P = 0 and T = S.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from .. import spec as S
+from .blocks import Ctx, linear, norm, rope_freqs, rope_table, seq_len
+
+LOWEST = {"float32": float(np.finfo(np.float32).min), "float16": float(np.finfo(np.float16).min)}
+
+
+def _scalar(c: Ctx, v: ir.Value) -> ir.Value:
+    return c.g.op("Squeeze", v, c.g.ints(0))
+
+
+def positions(c: Ctx, ins: dict[str, ir.Value]) -> tuple[ir.Value, ir.Value]:
+    """Buffer indices of the queries (S,) and of all keys (T,), from the mask's length T and S."""
+    if "positions" not in c.shared:
+        g = c.g
+        s = _scalar(c, seq_len(c))
+        t = _scalar(c, g.op("Shape", ins["attention_mask"], start=1, end=2)) if "attention_mask" in ins else s
+        one = g.const(np.array(1, dtype=np.int64))
+        c.shared["positions"] = (g.op("Range", g.op("Sub", t, s), t, one),  # (S,)
+                                 g.op("Range", g.const(np.array(0, dtype=np.int64)), t, one))  # (T,)
+    return c.shared["positions"]
+
+
+def mask(c: Ctx, ins: dict[str, ir.Value], a: S.Attention) -> ir.Value | None:
+    """Boolean (B, 1, S, T), True where a query may attend a key: causal, within the window, not
+    padding; a query always sees itself (as `mptc.ops.attention_mask`). Built once per kind; None
+    when every query sees every key (images: no padding mask)."""
+    key = (a.mask, a.window)
+    if key in c.shared:
+        return c.shared[key]
+    g = c.g
+    padding = ins.get("attention_mask")
+    if padding is None and a.mask != "causal" and a.window is None:
+        c.shared[key] = None
+        return None
+    qi, kj = positions(c, ins)
+    qi, kj = g.op("Unsqueeze", qi, g.ints(1)), g.op("Unsqueeze", kj, g.ints(0))  # (S, 1), (1, T)
+    keep = None
+    if padding is not None:
+        keep = g.op("Unsqueeze", g.op("Cast", padding, to=ir.DataType.BOOL), g.ints(1, 2))  # (B, 1, 1, T)
+    if a.mask == "causal":
+        causal = g.op("LessOrEqual", kj, qi)
+        keep = causal if keep is None else g.op("And", keep, causal)
+    if a.window is not None:
+        dist = g.op("Sub", qi, kj)  # (S, T)
+        if a.mask != "causal":
+            dist = g.op("Abs", dist)
+        near = g.op("Less", dist, g.const(np.array(a.window, dtype=np.int64)))
+        keep = near if keep is None else g.op("And", keep, near)
+    c.shared[key] = g.op("Or", keep, g.op("Equal", kj, qi))  # (B, 1, S, T)
+    return c.shared[key]
+
+
+def rope_cos_sin(c: Ctx, ins: dict[str, ir.Value], rotary: int, rope: S.Positions) -> tuple[ir.Value, ir.Value]:
+    """cos and sin for the new positions: (S, R) without a cache, (B, 1, S, R) from position_ids with one."""
+    key = ("rope", rotary, rope)
+    if key in c.shared:
+        return c.shared[key]
+    g = c.g
+    rows = c.max_length or c.spec.context
+    if rows is not None:
+        cos, sin = (g.table(f"rope.{n}.{rotary}", t) for n, t in zip(("cos", "sin"), rope_table(rope, rotary, rows),
+                                                                        strict=True))
+        if "position_ids" in ins:  # (B, S) → (B, 1, S, R)
+            pos = ins["position_ids"]
+            out = tuple(g.op("Unsqueeze", g.op("Gather", t, pos, axis=0), g.ints(1)) for t in (cos, sin))
+        else:
+            out = tuple(g.op("Slice", t, g.ints(0), seq_len(c), g.ints(0)) for t in (cos, sin))
+    else:  # no known length: the angles from the positions themselves
+        inv, attention = rope_freqs(rope, rotary)
+        inv = g.const(np.concatenate([inv, inv]).astype(np.float32), dtype=np.float32)  # (R,)
+        pos = ins.get("position_ids")
+        if pos is None:
+            pos = positions(c, ins)[0]
+        ang = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=ir.DataType.FLOAT), g.ints(-1)), inv)  # (…, S, R)
+        scale = g.const(np.array(attention, dtype=np.float32), dtype=np.float32)
+        out = tuple(g.op("Cast", g.op("Mul", g.op(f, ang), scale), to=g.float) for f in ("Cos", "Sin"))
+        if "position_ids" in ins:
+            out = tuple(g.op("Unsqueeze", t, g.ints(1)) for t in out)
+    c.shared[key] = out
+    return out
+
+
+def apply_rope(c: Ctx, x: ir.Value, cos: ir.Value, sin: ir.Value, rotary: int, dim: int) -> ir.Value:
+    """Rotate the first R dims of x (B, n, S, K), dim i paired with i + R/2; dims R..K pass through."""
+    g = c.g
+
+    def part(v, a, b):
+        return g.op("Slice", v, g.ints(a), g.ints(b), g.ints(-1))
+
+    xr = part(x, 0, rotary) if rotary < dim else x
+    half = rotary // 2
+    rot = g.op("Concat", g.op("Neg", part(xr, half, rotary)), part(xr, 0, half), axis=-1)
+    y = g.op("Add", g.op("Mul", xr, cos), g.op("Mul", rot, sin))
+    return g.op("Concat", y, part(x, rotary, dim), axis=-1) if rotary < dim else y
+
+
+def project(c: Ctx, i: int, a: S.Attention, h: ir.Value, name: str, heads: int, dim: int,
+            split: bool = True) -> ir.Value:
+    """h (B, S, D) → (B, n, S, d) for q, k or v, with its q/k norm; (B, S, n·d) unless `split`."""
+    g = c.g
+    qk = a.qk_norm is not None and name in ("q", "k")
+    y = linear(c, h, f"layers.{i}.attn.{name}")  # (B, S, n·d)
+    if qk and a.qk_norm_over == "all":  # over the whole projection (OLMo 2)
+        y = norm(c, y, a.qk_norm, f"layers.{i}.attn.{name}_norm")
+    if not split and not (qk and a.qk_norm_over == "head"):
+        return y
+    y = g.op("Reshape", y, g.ints(0, 0, heads, dim))  # (B, S, n, d)
+    if qk and a.qk_norm_over == "head":  # per head, over d
+        y = norm(c, y, a.qk_norm, f"layers.{i}.attn.{name}_norm")
+    if not split:
+        return g.op("Reshape", y, g.ints(0, 0, -1))  # (B, S, n·d)
+    return g.op("Transpose", y, perm=[0, 2, 1, 3])
+
+
+def attend(c: Ctx, a: S.Attention, q: ir.Value, k: ir.Value, v: ir.Value, keep: ir.Value | None) -> ir.Value:
+    """Scaled dot-product attention: q (B, H, S, K), k (B, G, T, K), v (B, G, T, Dv) → (B, S, H·Dv).
+
+    Opset ≥ 23: the Attention op (kv heads natively). Before: MatMul/Softmax with the query heads
+    grouped per kv head (B, G, H/G, S, K), so the kv heads broadcast and are never copied."""
+    g, hh, gg = c.g, a.heads, a.kv_heads
+    scale = attention_scale(a)
+    if g.opset >= 23 and a.softcap is None:
+        o = g.op("Attention", q, k, v, keep, scale=scale)  # (B, H, S, Dv)
+    else:
+        r = hh // gg
+        if r > 1:
+            q = g.op("Reshape", q, g.ints(0, gg, r, -1, a.head_dim))  # (B, G, H/G, S, K)
+            k, v = g.op("Unsqueeze", k, g.ints(2)), g.op("Unsqueeze", v, g.ints(2))  # (B, G, 1, T, ·)
+            keep = g.op("Unsqueeze", keep, g.ints(1)) if keep is not None else None  # (B, 1, 1, S, T)
+        scores = g.op("Mul", g.op("MatMul", q, g.op("Transpose", k, perm=_swap_last(5 if r > 1 else 4))),
+                      g.const(scale))  # (…, S, T)
+        if a.softcap is not None:  # cap · tanh(s / cap), before the mask (as mptc.ops.capped_attention)
+            scores = g.op("Mul", g.op("Tanh", g.op("Div", scores, g.const(a.softcap))), g.const(a.softcap))
+        if keep is not None:
+            scores = g.op("Where", keep, scores, g.const(LOWEST[g.dtype]))
+        o = g.op("MatMul", g.op("Softmax", scores, axis=-1), v)  # (…, S, Dv)
+        if r > 1:
+            o = g.op("Reshape", o, g.ints(0, hh, -1, a.value_dim))  # (B, H, S, Dv)
+    return g.op("Reshape", g.op("Transpose", o, perm=[0, 2, 1, 3]), g.ints(0, 0, hh * a.value_dim))
+
+
+def attention_scale(a: S.Attention) -> float:
+    return a.scale if a.scale is not None else 1.0 / math.sqrt(a.head_dim)
+
+
+def _swap_last(rank: int) -> list[int]:
+    return list(range(rank - 2)) + [rank - 1, rank - 2]
+
+
+def attention(c: Ctx, i: int, a: S.Attention, h: ir.Value, ins: dict[str, ir.Value],
+              past: tuple[ir.Value, ir.Value] | None = None) -> tuple[ir.Value, tuple[ir.Value, ir.Value] | None]:
+    """One attention sublayer, h (B, S, D) → (B, S, D); with a cache, also present key (B, G, T, K) and
+    value (B, G, T, Dv): the past with the new keys (after rope, kv heads not expanded) appended."""
+    g = c.g
+    q = project(c, i, a, h, "q", a.heads, a.head_dim)  # (B, H, S, K)
+    k = project(c, i, a, h, "k", a.kv_heads, a.head_dim)  # (B, G, S, K)
+    v = project(c, i, a, h, "v", a.kv_heads, a.value_dim)  # (B, G, S, Dv)
+    if c.spec.embed.positions.kind == "rope":
+        cos, sin = rope_cos_sin(c, ins, a.rotary, c.spec.layer_rope(i))
+        q, k = (apply_rope(c, t, cos, sin, a.rotary, a.head_dim) for t in (q, k))
+    present = None
+    if past is not None:
+        k, v = g.op("Concat", past[0], k, axis=2), g.op("Concat", past[1], v, axis=2)  # (B, G, T, ·)
+        present = (k, v)
+    o = attend(c, a, q, k, v, mask(c, ins, a))  # (B, S, H·Dv)
+    return linear(c, o, f"layers.{i}.attn.o"), present

@@ -1,0 +1,226 @@
+"""Embeddings, norms, activations, linear layers, the MLP and the heads, as ONNX nodes.
+
+Symbols as in `mptc.spec`: B batch, S the new positions, T = P + S all positions, D width, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from .. import ops
+from .. import spec as S
+from .graph import MS, Graph
+
+
+@dataclass
+class Ctx:
+    """What every block reads: the graph, the spec, the weights and the chosen form."""
+
+    g: Graph
+    spec: S.Spec
+    weights: dict[str, torch.Tensor]
+    profile: str = "portable"  # portable | genai
+    cache: bool = False
+    max_length: int | None = None
+    shared: dict = field(default_factory=dict)  # per-forward values built once (shapes, masks, tables)
+
+    def w(self, name: str, transpose: bool = False) -> ir.Value:
+        return self.g.weight(name, self.weights[name], transpose=transpose)
+
+    def has(self, name: str) -> bool:
+        return name in self.weights
+
+    @property
+    def fused(self) -> bool:
+        """ONNX Runtime's fused norms (the GenAI profile)."""
+        return self.profile == "genai"
+
+
+def linear(c: Ctx, x: ir.Value, name: str) -> ir.Value:
+    """x (…, in) @ Wᵀ + b → (…, out); the weight is stored transposed, as MatMul reads it."""
+    y = c.g.op("MatMul", x, c.w(f"{name}.weight", transpose=True))
+    return c.g.op("Add", y, c.w(f"{name}.bias")) if c.has(f"{name}.bias") else y
+
+
+# --- norms ---
+def norm(c: Ctx, x: ir.Value, n: S.Norm, name: str) -> ir.Value:
+    """A norm over the last axis; math in float32 (stash_type 1) for float16 graphs."""
+    g, w = c.g, c.w(f"{name}.weight")
+    if n.kind == "layernorm":
+        b = c.w(f"{name}.bias") if c.has(f"{name}.bias") else None
+        return g.op("LayerNormalization", x, w, b, axis=-1, epsilon=n.eps)
+    if c.fused:
+        return g.op("SimplifiedLayerNormalization", x, w, axis=-1, epsilon=n.eps, stash_type=1)
+    if g.opset >= 23:
+        return g.op("RMSNormalization", x, w, axis=-1, epsilon=n.eps, stash_type=1)
+    xf = g.op("Cast", x, to=ir.DataType.FLOAT) if g.dtype != "float32" else x
+    ms = g.op("ReduceMean", g.op("Mul", xf, xf), g.ints(-1), keepdims=1)  # (…, 1)
+    eps = g.const(n.eps, dtype=np.float32)
+    y = g.op("Div", xf, g.op("Sqrt", g.op("Add", ms, eps)))
+    if g.dtype != "float32":
+        y = g.op("Cast", y, to=g.float)
+    return g.op("Mul", y, w)
+
+
+def add_norm(c: Ctx, x: ir.Value, y: ir.Value, n: S.Norm | None, name: str | None) -> tuple[ir.Value, ir.Value | None]:
+    """The residual sum x + y and its norm (None without one); one fused node in the GenAI profile."""
+    if n is None:
+        return c.g.op("Add", x, y), None
+    if c.fused:
+        w = c.w(f"{name}.weight")
+        if n.kind == "rmsnorm":
+            out = c.g.ops("SkipSimplifiedLayerNormalization", x, y, w, n=4, domain=MS, epsilon=n.eps)
+        else:
+            b = c.w(f"{name}.bias") if c.has(f"{name}.bias") else None
+            out = c.g.ops("SkipLayerNormalization", x, y, w, b, n=4, domain=MS, epsilon=n.eps)
+        return out[3], out[0]
+    s = c.g.op("Add", x, y)
+    return s, norm(c, s, n, name)
+
+
+# --- activations ---
+def act(c: Ctx, x: ir.Value, kind: str) -> ir.Value:
+    g = c.g
+    if kind == "relu":
+        return g.op("Relu", x)
+    if kind == "tanh":
+        return g.op("Tanh", x)
+    if kind == "silu":
+        return g.op("Mul", x, g.op("Sigmoid", x))
+    approx = "tanh" if kind == "gelu_tanh" else "none"
+    if g.opset >= 20:
+        return g.op("Gelu", x, approximate=approx)
+    half = g.op("Mul", x, g.const(0.5))
+    if kind == "gelu":  # ½x(1 + erf(x/√2))
+        inner = g.op("Erf", g.op("Mul", x, g.const(1 / math.sqrt(2))))
+    else:  # ½x(1 + tanh(√(2/π)(x + 0.044715x³)))
+        cube = g.op("Mul", g.op("Mul", x, x), x)
+        inner = g.op("Tanh", g.op("Mul", g.op("Add", x, g.op("Mul", cube, g.const(0.044715))),
+                                  g.const(math.sqrt(2 / math.pi))))
+    return g.op("Mul", half, g.op("Add", inner, g.const(1.0)))
+
+
+def mlp(c: Ctx, i: int, m: S.MLP, h: ir.Value) -> ir.Value:
+    """(B, S, D) → (B, S, D): up (and gate), activation, down."""
+    pre = f"layers.{i}.mlp"
+    up = linear(c, h, f"{pre}.up")  # (B, S, F)
+    if m.gated:
+        z = c.g.op("Mul", act(c, linear(c, h, f"{pre}.gate"), S.GATED[m.activation]), up)
+    else:
+        z = act(c, up, m.activation)
+    return linear(c, z, f"{pre}.down")
+
+
+# --- shapes and embeddings ---
+def seq_len(c: Ctx, x: ir.Value | None = None) -> ir.Value:
+    """S as a (1,) int64 tensor, from the first value (B, S, …) it is asked with."""
+    if "seq" not in c.shared:
+        c.shared["seq"] = c.g.op("Shape", x, start=1, end=2)
+    return c.shared["seq"]
+
+
+def patches(c: Ctx, pixels: ir.Value) -> ir.Value:
+    """(B, C, S, S) images → (B, N, D) patch embeddings (a Conv with stride = kernel), the class token first."""
+    g, p, d = c.g, c.spec.patches, c.spec.width
+    w = g.weight("embed.patch.weight", c.weights["embed.patch.weight"].view(d, p.channels, p.patch, p.patch))
+    x = g.op("Conv", pixels, w, c.w("embed.patch.bias"), kernel_shape=[p.patch, p.patch], strides=[p.patch, p.patch])
+    x = g.op("Transpose", g.op("Reshape", x, g.ints(0, 0, -1)), perm=[0, 2, 1])  # (B, N, D)
+    if p.cls:
+        batch = g.op("Shape", pixels, start=0, end=1)
+        cls = g.op("Expand", g.op("Reshape", c.w("embed.cls"), g.ints(1, 1, d)),
+                   g.op("Concat", batch, g.ints(1, d), axis=0))  # (B, 1, D)
+        x = g.op("Concat", cls, x, axis=1)  # (B, N + 1, D)
+    return x
+
+
+def embed(c: Ctx, ins: dict[str, ir.Value]) -> ir.Value:
+    """Token (+ segment) (+ position) embeddings and the embedding norm: (B, S, D)."""
+    g, e = c.g, c.spec.embed
+    if "pixel_values" in ins:
+        x = patches(c, ins["pixel_values"])  # (B, N', D)
+        seq_len(c, x)
+    else:
+        ids = ins["input_ids"]
+        seq_len(c, ids)
+        x = g.op("Gather", c.w("embed.tokens.weight"), ids, axis=0)  # (B, S, D)
+    if c.spec.embed_scale is not None:
+        x = g.op("Mul", x, g.const(c.spec.embed_scale))
+    if e.segments:
+        x = g.op("Add", x, g.op("Gather", c.w("embed.segments.weight"), ins["token_type_ids"], axis=0))
+    kind = e.positions.kind
+    if kind in ("learned", "sinusoidal"):
+        table = c.w("embed.positions.weight") if kind == "learned" else g.table(
+            "embed.sinusoidal", ops.sinusoidal(torch.empty(1, c.spec.seq_len, c.spec.width)).numpy())  # (P, D)
+        if "position_ids" in ins:
+            pos = g.op("Gather", table, ins["position_ids"], axis=0)  # (B, S, D)
+        else:
+            pos = g.op("Slice", table, g.ints(0), seq_len(c), g.ints(0))  # (S, D)
+        x = g.op("Add", x, pos)
+    if e.norm is not None:
+        x = norm(c, x, e.norm, "embed.norm")
+    return x
+
+
+def rope_freqs(pos: S.Positions, rotary: int) -> tuple[np.ndarray, float]:
+    """The inverse frequencies (R/2,) float32, with a fixed scaling, and yarn's factor on cos/sin."""
+    sc = pos.scaling
+    inv = ops.rope_inv_freq(rotary, pos.theta, sc).numpy()
+    return inv, (sc.attention if sc is not None and sc.kind == "yarn" else 1.0)
+
+
+def rope_table(pos: S.Positions, rotary: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (rows, R), computed as the PyTorch model computes them (rotate-half layout)."""
+    inv, attention = rope_freqs(pos, rotary)
+    cos, sin = ops.scaled_rope_tables(torch.empty(1, rows, 1), tuple(inv.tolist()), attention)
+    return cos.numpy(), sin.numpy()
+
+
+# --- heads ---
+def softcap(c: Ctx, x: ir.Value) -> ir.Value:
+    """cap · tanh(x / cap) with the head's soft cap (x itself without one)."""
+    cap = c.spec.head.softcap
+    if cap is None:
+        return x
+    return c.g.op("Mul", c.g.op("Tanh", c.g.op("Div", x, c.g.const(cap))), c.g.const(cap))
+
+
+def head(c: Ctx, x: ir.Value, mask: ir.Value | None) -> ir.Value:
+    """The head on the final hidden states x (B, S, D), already normed: logits or x itself."""
+    g, hd = c.g, c.spec.head
+    if hd.kind == "none":
+        return x
+    if hd.kind == "lm":
+        if hd.transform is not None:
+            x = act(c, linear(c, x, "head.transform"), hd.transform.activation)
+            if hd.transform.norm is not None:
+                x = norm(c, x, hd.transform.norm, "head.transform_norm")
+        if hd.tied:
+            y = g.op("MatMul", x, g.weight("embed.tokens.weight_t", c.weights["embed.tokens.weight"], transpose=True))
+            return softcap(c, g.op("Add", y, c.w("head.bias")) if c.has("head.bias") else y)  # (B, S, V)
+        return softcap(c, linear(c, x, "head.out"))  # (B, S, V)
+    if hd.pool == "first":
+        x = g.op("Gather", x, g.const(np.array(0, dtype=np.int64)), axis=1)  # (B, D)
+    elif hd.pool == "last" and mask is None:
+        x = g.op("Gather", x, g.const(np.array(-1, dtype=np.int64)), axis=1)  # (B, D)
+    elif hd.pool == "last":  # each row's last real position (the first maximum, as torch.argmax)
+        t = g.op("Squeeze", seq_len(c), g.ints(0))
+        ar = g.op("Range", g.const(np.array(0, dtype=np.int64)), t, g.const(np.array(1, dtype=np.int64)))  # (S,)
+        zero = g.const(np.array(0, dtype=np.int64))
+        real = g.op("Cast", g.op("Not", g.op("Equal", mask, zero)), to=ir.DataType.INT64)  # (B, S)
+        idx = g.op("ArgMax", g.op("Mul", ar, real), axis=-1, keepdims=1)  # (B, 1)
+        x = g.op("GatherND", x, idx, batch_dims=1)  # (B, D)
+    elif mask is None:
+        x = g.op("ReduceMean", x, g.ints(1), keepdims=0)  # (B, D)
+    else:
+        m = g.op("Unsqueeze", g.op("Cast", mask, to=g.float), g.ints(-1))  # (B, S, 1)
+        total = g.op("ReduceSum", g.op("Mul", x, m), g.ints(1), keepdims=0)  # (B, D)
+        count = g.op("Max", g.op("ReduceSum", m, g.ints(1), keepdims=0), g.const(1.0))  # (B, 1)
+        x = g.op("Div", total, count)
+    if hd.pooler:
+        x = g.op("Tanh", linear(c, x, "head.pooler"))
+    return linear(c, x, "head.out")  # (B, C)
