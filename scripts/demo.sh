@@ -2,7 +2,8 @@
 # The main job on a shipped example: check and summarise a spec, compile it to a model dir,
 # grow it with verified function-preserving passes, compare the grown model with the
 # original, export the grown model to ONNX and run it in ONNX Runtime against PyTorch; then
-# extract a sub-network of the nested example examples/matlm.mpt and run its ONNX file.
+# deploy the grown model for ONNX Runtime GenAI and generate through it; extract a sub-network of
+# the nested example examples/matlm.mpt and run its ONNX file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -24,3 +25,6 @@ mptc compile examples/matlm.mpt -o out/matlm --seed 0
 mptc extract out/matlm --mix "s,m,l,xl" --drop-layers 2 -o out/matlm-mix
 mptc compile out/matlm-mix -o out/matlm-mix.onnx
 mptc run out/matlm-mix --random 2 --onnx out/matlm-mix.onnx --compare
+# Deploy the grown model with a KV cache for ONNX Runtime GenAI and generate a few tokens there.
+mptc deploy "$OUT-grown" -o "$OUT-deploy" --force
+mptc generate "$OUT-deploy" --ids "1 2 3 4" --max-new-tokens 8

@@ -254,12 +254,12 @@ def test_failed_deploy_leaves_the_earlier_dir(monkeypatch, tmp_path):
     out = tmp_path / "d"
     deploy(SPECS / "tiny-gpt2.mpt", out, runtime="portable")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    import mptc.quantize
+    import mptc.deploy
 
     def broken(model, weights):
         raise MptcError("quantizer broke")
 
-    monkeypatch.setattr(mptc.quantize, "quantize", broken)
+    monkeypatch.setattr(mptc.deploy, "quantize", broken)
     with pytest.raises(MptcError, match="quantizer broke"):
         deploy(SPECS / "tiny-gpt2.mpt", out, runtime="portable", weights="int4")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
