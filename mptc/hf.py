@@ -478,8 +478,9 @@ def special_tokens(model_dir: str | os.PathLike) -> dict[str, int | list[int]]:
     try:
         with safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise MptcError(f"cannot read {p}: {e}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # the same message as loading the weights
+        raise MptcError(f"cannot read weights from {p}: {e}", hint="the file is damaged or not a safetensors "
+                        "file; write the model dir again") from None
     return {k: json.loads(meta[f"hf.{k}"]) for k in TOKEN_KEYS if f"hf.{k}" in meta}
 
 
