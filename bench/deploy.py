@@ -69,6 +69,8 @@ TRACED_EXPORT = ("import sys, mptc, mptc.export as E\n"
                  "E.export_onnx(mptc.load_model(sys.argv[1]), sys.argv[2])")
 # a process that only imports what `mptc deploy` and the builder import: the floor under their peak memory
 IMPORTS = "import torch, onnx, onnxruntime, transformers, mptc.cli, mptc.emit"
+# what mptc's own commands import from a model dir (no torch): their floor
+IMPORTS_MPTC = "import mptc.cli, mptc.emit.fast, mptc.deploy"
 
 
 # --- the checkpoint ---------------------------------------------------------------------------------------
@@ -182,6 +184,7 @@ def emission_cmds(root: Path, hf: Path, mdir: Path, size: Size, deploy: bool) ->
         "export_traced": ([sys.executable, "-c", TRACED_EXPORT, str(mdir), str(root / "traced.onnx")],
                           str(root / "traced.onnx")),
         "imports": ([sys.executable, "-c", IMPORTS], str(root / "imports.none")),
+        "imports_mptc": ([sys.executable, "-c", IMPORTS_MPTC], str(root / "imports_mptc.none")),
     }
     if deploy:
         length = str(size.prompt + size.new)
@@ -469,7 +472,8 @@ LABELS = {"builder_fp32": "ORT GenAI builder, fp32", "builder_int4": "ORT GenAI 
           "mptc_genai_int4": "mptc deploy, genai, int4", "transformers": "transformers generate (cache)",
           "mptc_naive": "mptc compile .onnx, no cache (reference)", "compile_direct": "mptc compile X.onnx",
           "export_traced": "traced export (torch.export + dynamo ONNX)",
-          "imports": "imports only (torch, onnx, onnxruntime, transformers, mptc)"}
+          "imports": "imports only (torch, onnx, onnxruntime, transformers, mptc)",
+          "imports_mptc": "imports only, mptc's commands (onnx, onnx-ir, mptc.emit, mptc.deploy)"}
 BASE = {"mptc_genai_fp32": "builder_fp32", "mptc_portable_fp32": "builder_fp32", "mptc_genai_int4": "builder_int4",
         "compile_direct": "export_traced"}
 
@@ -504,6 +508,8 @@ def targets(dep: dict | None, target) -> list[dict]:
             out.append(target("prefill time ≤ 1.0 × the builder's", LABELS[name] + th, r.get("prefill_vs_builder"),
                               1.0, True, spread=r.get("prefill_vs_builder_spread")))
             a = r.get("agrees_with_builder")
+            if name != "mptc_genai_fp32":  # int4's error is above this random model's logit margins: the builder's
+                continue  # own int4 agrees with its fp32 on no position, so the table shows int4's share, no target
             out.append(target("greedy tokens = the builder's (share of positions)", LABELS[name] + th,
                               a["same"] / a["of"] if a else None, 1.0, False, ""))
     return out
@@ -536,19 +542,21 @@ def markdown(dep: dict | None, table, f, ms) -> list[str]:
     em = dep.get("emission", {})
     if em:
         w = m["weight_bytes"] / (1 << 20)
-        floor = (em["rows"].get("imports") or {}).get("peak_rss_mib")
+        floors = {k: (em["rows"].get(k) or {}).get("peak_rss_mib") for k in ("imports", "imports_mptc")}
         rows = []
         for k, r in em["rows"].items():
             base, peak = BASE.get(k), r["peak_rss_mib"]
+            floor = floors["imports_mptc"] if k.startswith("mptc_") or k == "compile_direct" else floors["imports"]
+            above = peak - floor if peak and floor and not k.startswith("imports") else None
             rows.append([LABELS.get(k, k), f(r["wall_s"], 1) if not r["error"] else f"failed: {r['error']}",
                          f(em["ratios"].get(f"{k}/{base}")) if base else "—", f(peak, 0),
-                         f(peak / w if peak else None), f(peak - floor if peak and floor and k != "imports" else None,
-                                                          0), f(r["bytes"], 0, 1 / (1 << 20))])
+                         f(peak / w if peak else None), f(above, 0), f(r["bytes"], 0, 1 / (1 << 20))])
         out += ["### Emission", "",
                 "Each command in its own process with one thread (`OMP_NUM_THREADS=1`), the Python start-up and "
-                "imports included; peak memory is that process's peak resident set (`ru_maxrss`); \"imports only\" "
-                "is the floor every command starts from. × is against the builder at the same precision (the "
-                "traced export for `mptc compile`).", ""]
+                "imports included; peak memory is that process's peak resident set (`ru_maxrss`); the \"imports "
+                "only\" rows are the floors the commands start from (mptc's commands from a model dir import no "
+                "torch: theirs is the second). × is against the builder at the same precision (the traced export "
+                "for `mptc compile`).", ""]
         out += table(["command", "wall s", "×", "peak MiB", "peak / weights", "peak − imports MiB", "output MiB"],
                      rows)
         out += [""]

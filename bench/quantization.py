@@ -8,8 +8,9 @@ float32 | float16 | int8 | int4` against float32.
    1.7M parameters) with `mptc train SPEC --data stdlib` (`TRAIN`, one torch thread). A checkpoint trained with
    the same command is reused.
 2. Deploy it at every weight type. Until `mptc deploy` exists, and beside it as a reference: `mptc compile
-   X.onnx` (float32) quantized by ONNX Runtime's own tools (`quantize_dynamic` int8, `MatMulNBitsQuantizer`
-   int4, block 32, symmetric).
+   X.onnx` (float32) quantized by ONNX Runtime's own tools (`quantize_dynamic` int8; `MatMulNBitsQuantizer`
+   int8 and int4, block 32, symmetric, accuracy level 0: the weights of mptc's int8/int4 bit for bit, with
+   float activations, where mptc's accuracy level 4 rounds them to int8).
 3. Held-out loss (nats per byte): each ONNX file in plain ONNX Runtime, teacher-forced on `WINDOWS` windows of
    the trainer's held-out bytes (the last 5 % of the stream), an empty KV cache where the graph takes one;
    cross-entropy of every next byte. The PyTorch model on the same windows checks the float32 file.
@@ -249,8 +250,10 @@ def candidates(model_dir: Path, work: Path, log: Path, say=print) -> dict[str, d
     if "error" not in out["compile float32"]:
         make("ORT quantize_dynamic int8", "onnxruntime.quantization.quantize_dynamic (MatMul, int8 per channel)",
              work / "ort-int8.onnx", lambda: _ort_int8(ref, work / "ort-int8.onnx"))
-        make("ORT MatMulNBits int4", "onnxruntime.quantization MatMulNBitsQuantizer (block 32, symmetric)",
-             work / "ort-int4.onnx", lambda: _ort_int4(ref, work / "ort-int4.onnx"))
+        for bits in (8, 4):  # the weights of mptc's int8/int4, bit for bit, with float activations (level 0)
+            dst = work / f"ort-int{bits}-nbits.onnx"
+            make(f"ORT MatMulNBits int{bits}, level 0", "onnxruntime.quantization MatMulNBitsQuantizer (block 32, "
+                 "symmetric, accuracy level 0)", dst, lambda bits=bits, dst=dst: _ort_nbits(ref, dst, bits))
     if has_deploy():
         for w in WEIGHTS:
             d = work / f"deploy-{w}"
@@ -272,11 +275,11 @@ def _ort_int8(src: Path, dst: Path) -> None:
                      per_channel=True)
 
 
-def _ort_int4(src: Path, dst: Path) -> None:
+def _ort_nbits(src: Path, dst: Path, bits: int) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True)
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=32, is_symmetric=True)
     q.process()
     q.model.save_model_to_file(str(dst), use_external_data_format=False)
 

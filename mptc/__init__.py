@@ -19,6 +19,7 @@ from .spec import Spec, format_spec
 LAZY = {"build": "model", "load_model": "model", "save": "model", "example_inputs": "inputs",
         "export_onnx": "export", "export_pt2": "export", "run_onnx": "export", "summarize": "summary"}
 LAZY["generate"] = "generate"  # mptc.generate(model, ids, n): new ids through the KV cache (docs/generate.md)
+LAZY["next_tokens"] = "generate"  # the sampling rule, for torch-free modules that pick tokens (mptc.genai)
 
 
 def __getattr__(name: str):

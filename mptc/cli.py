@@ -300,40 +300,19 @@ def cmd_fmt(args) -> int:
 
 def cmd_summary(args) -> int:
     from .files import load
-    from .summary import human, layer_groups, summarize
+    from .summary import print_table, summarize
 
     s = summarize(load(args.spec))
     if args.json:
         print(json.dumps(s.to_json(), indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"{s.name}: {human(s.params)} parameters, {human(s.flops_per_token)} FLOPs/token "
-              f"(context {s.context})", title_justify="left",
-              caption="identical consecutive layers share a row (params and FLOPs per layer)", caption_justify="left")
-    t.add_column("part")
-    t.add_column("params", justify="right")
-    t.add_column("FLOPs/token", justify="right")
-    t.add_column("shapes" if args.verbose else "layout")
-    rows = [(s.embed.name, s.embed), *((g.name, g.part) for g in layer_groups(s.layers)), (s.head.name, s.head)]
-    for name, part in rows:
-        shapes = part.desc
-        if args.verbose:
-            shapes += "".join(f"\n{_short(k)} {tuple(v)}" for k, v in part.tensors.items())  # one per line
-        t.add_row(name, f"{part.params:,}", f"{part.flops_per_token:,}", shapes)
-    t.add_row("total", f"{s.params:,}", f"{s.flops_per_token:,}", "", style="bold")
-    Console().print(t)
+    print_table(s, verbose=args.verbose)
     return 0
 
 
-def _short(name: str) -> str:
-    """`layers.3.attn.q.weight` → `attn.q.weight`; `embed.tokens.weight` → `tokens.weight`."""
-    parts = name.split(".")
-    return ".".join(parts[2:] if parts[0] == "layers" else parts[1:])
-
-
 def cmd_compile(args) -> int:
+    if _compile_fast(args):
+        return 0
     from .atomic import atomic_group
     from .export import export_onnx, export_pt2
     from .model import load_model, save
@@ -370,6 +349,21 @@ def cmd_compile(args) -> int:
     for out, _ in targets:
         print(f"wrote {out}")
     return 0
+
+
+def _compile_fast(args) -> bool:
+    """`mptc compile DIR -o OUT.onnx` for a model dir the emitter covers, without torch (mptc.emit.fast)."""
+    if args.task is not None or not args.output.endswith(".onnx"):
+        return False
+    from .emit.fast import compile_onnx
+    from .outputs import check_output
+
+    check_output(args.output)
+    done = compile_onnx(args.spec, args.output, dtype=args.dtype, opset=args.opset,
+                        external_data=True if args.external_data else None)
+    if done is not None:
+        print(f"wrote {done}")
+    return done is not None
 
 
 def _task_model(model, name: str):
@@ -630,7 +624,7 @@ def cmd_run(args) -> int:
         out = run_onnx(args.onnx, feed)
     engine = "ONNX Runtime" if args.onnx else "PyTorch"
     print(f"{spec.name} ({engine}): {spec.output} {tuple(out.shape)}")
-    _print_top(spec, out, args.top)
+    _print_top(spec, out, args.top, feed.get("attention_mask"))
     if args.output:
         try:
             with atomic_file(args.output, kind="array") as tmp:
@@ -650,15 +644,58 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _print_top(spec, out: np.ndarray, k: int) -> None:
-    if spec.head.kind == "none" or k <= 0:
+def _print_top(spec, out: np.ndarray, k: int, mask: np.ndarray | None = None) -> None:
+    """What the output means, per head: an lm's top next tokens (after each row's last real position), a
+    classifier's top classes or its class per token (`pool = none`), a span head's best answer span, or the
+    sizes of `head none`'s hidden states. At most 8 rows; `k` ≤ 0 prints no predictions."""
+    h = spec.head
+    if h.kind == "none":
+        b, t, d = out.shape
+        print(f"  hidden states: {b} rows × {t} positions × {d} (width); head none makes no predictions")
         return
-    last = out[:, -1] if out.ndim == 3 else out  # (B, V) next-token logits, or (B, C)
-    what = "next tokens" if out.ndim == 3 else "classes"
-    for b, row in enumerate(last[:8]):
-        top = np.argsort(-row)[:k]
-        items = ", ".join(f"{i} ({row[i]:.3f})" for i in top)
-        print(f"  row {b}: top {what} {items}")
+    if k <= 0:
+        return
+    valid = _real_positions(spec, out, mask)  # (B, T) bool; None: the output has no position axis
+    for b in range(min(len(out), 8)):
+        if h.kind == "classify" and out.ndim == 2:  # (B, C)
+            top = np.argsort(-out[b])[:k]
+            print(f"  row {b}: top classes " + ", ".join(f"{i} ({out[b, i]:.3f})" for i in top))
+        elif h.kind == "classify":  # (B, T, C): a class per position
+            cls = [str(int(c)) if v else "-" for c, v in zip(out[b].argmax(-1), valid[b], strict=True)]
+            more = f" … ({len(cls)} positions)" if len(cls) > 32 else ""
+            print(f"  row {b}: class per token (argmax; - padding) {' '.join(cls[:32])}{more}")
+        elif h.kind == "span":  # (B, T, 2): start and end logits per position
+            print(f"  row {b}: {_best_span(out[b], valid[b])}")
+        else:  # lm, (B, T, V)
+            p = int(np.flatnonzero(valid[b])[-1]) if valid[b].any() else out.shape[1] - 1
+            top = np.argsort(-out[b, p])[:k]
+            print(f"  row {b}: top next tokens after position {p}: "
+                  + ", ".join(f"{i} ({out[b, p, i]:.3f})" for i in top))
+
+
+def _real_positions(spec, out: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """(B, T) bool: the output positions that hold a token (attention_mask 1) or an image position."""
+    if out.ndim != 3:
+        return None
+    rows, t = out.shape[:2]
+    if mask is None or not spec.reads_tokens:
+        return np.ones((rows, t), dtype=bool)
+    image = np.ones((rows, spec.image_len), dtype=bool)
+    parts = [image, mask != 0] if spec.image_first else [mask != 0, image]
+    valid = np.concatenate(parts, axis=1)
+    return valid if valid.shape == (rows, t) else np.ones((rows, t), dtype=bool)
+
+
+def _best_span(logits: np.ndarray, valid: np.ndarray) -> str:
+    """The span start ≤ end over real positions with the largest start + end logit. logits: (T, 2)."""
+    pos = np.flatnonzero(valid)
+    if len(pos) == 0:
+        return "no real positions (all padding)"
+    s, e = logits[pos, 0], logits[pos, 1]
+    j = int(np.argmax(np.maximum.accumulate(s) + e))  # the end, with the best start up to it
+    i = int(np.argmax(s[: j + 1]))
+    return (f"best span positions {pos[i]}–{pos[j]} (start logit {s[i]:.3f} + end logit {e[j]:.3f}; "
+            f"top start {pos[int(np.argmax(s))]}, top end {pos[int(np.argmax(e))]})")
 
 
 def cmd_grow(args) -> int:

@@ -19,21 +19,26 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+import mptc
+
 from . import emit
 from . import spec as S
 from .atomic import atomic_dir
+from .emit import fast
 from .errors import MptcError
-from .export import export_onnx
-from .files import load
+from .files import WEIGHTS_FILE, load
 from .genai import CacheLayer, genai_config
 from .graph import spec_of
-from .model import load_model
 from .outputs import check_output
-from .quantize import quantize
+from .quantize import quantize_graph
+from .tokens import TOKEN_KEYS, special_tokens
 
 RUNTIMES = ("genai", "portable")
 WEIGHTS = ("float32", "float16", "int8", "int4")
@@ -56,6 +61,7 @@ class DecoderInfo:
     model_type: str = "llama"  # genai_config's `type`, one of GENAI_TYPES
     hf_config: dict | None = None  # config.json for Optimum, where the family can hold the model
     hf_missing: str | None = None  # else why not
+    tokens: dict = field(default_factory=dict)  # bos / eos / pad ids (mptc.tokens); {}: generation runs to the length
 
 
 @dataclass
@@ -116,7 +122,7 @@ def _uniform(values: list) -> bool:
     return len(set(values)) == 1
 
 
-def hf_config(spec: S.Spec, context: int) -> tuple[dict | None, str | None]:
+def hf_config(spec: S.Spec, context: int, tokens: dict | None = None) -> tuple[dict | None, str | None]:
     """A Hugging Face config.json that Optimum's ORTModelForCausalLM reads for this decoder (GPT-2, Llama,
     Qwen2 or Mistral shape), or None and why not. Optimum sizes the empty first cache as (B, kv_heads, 0,
     hidden / heads), so every layer must have the same heads, kv heads and head size, with heads · head_dim =
@@ -133,8 +139,7 @@ def hf_config(spec: S.Spec, context: int) -> tuple[dict | None, str | None]:
     if why:
         return None, f"Optimum's config cannot hold {why} (GenAI reads each layer's shape from the graph)"
     a, pos = att[0], spec.embed.positions.kind
-    common = {"vocab_size": spec.vocab, "use_cache": True, "bos_token_id": None, "eos_token_id": None,
-              "pad_token_id": None, "tie_word_embeddings": spec.head.tied}
+    common = {"vocab_size": spec.vocab, "use_cache": True, **_token_ids(tokens), "tie_word_embeddings": spec.head.tied}
     if pos == "learned":
         return common | {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": spec.width,
                          "n_head": a.heads, "n_layer": spec.n_layers, "n_positions": context,
@@ -159,11 +164,17 @@ def hf_config(spec: S.Spec, context: int) -> tuple[dict | None, str | None]:
     return cfg, None
 
 
-def decoder_info(spec: S.Spec, layers: list[CacheLayer], context: int) -> DecoderInfo:
-    cfg, why = hf_config(spec, context)
+def _token_ids(tokens: dict | None) -> dict:
+    """bos / eos / pad for a Hugging Face config: the stored ones, None for the others."""
+    return {k: (tokens or {}).get(k) for k in TOKEN_KEYS}
+
+
+def decoder_info(spec: S.Spec, layers: list[CacheLayer], context: int, tokens: dict | None = None) -> DecoderInfo:
+    cfg, why = hf_config(spec, context, tokens)
     heads = spec.layers[0].attention.heads
     model_type = cfg["model_type"] if cfg and cfg["model_type"] in GENAI_TYPES else "llama"
-    return DecoderInfo(spec.name, spec.width, heads, spec.vocab, context, layers, model_type, cfg, why)
+    return DecoderInfo(spec.name, spec.width, heads, spec.vocab, context, layers, model_type, cfg, why,
+                       dict(tokens or {}))
 
 
 def max_length_for(spec: S.Spec, asked: int | None) -> int:
@@ -211,18 +222,19 @@ def _cache_layers(emitted) -> list[CacheLayer]:
     return out
 
 
-def emit_decoder(model, runtime: str, weights: str, max_length: int):
-    """The decoder graph (onnx.ModelProto), its cache layers and the emitter's notes."""
+def emit_decoder(model, runtime: str, weights: str, max_length: int, source=None):
+    """The decoder graph (onnx.ModelProto), its cache layers and the emitter's notes. model: a GraphModule, or
+    a Spec with `source` (its weights, read as the file is written: mptc.emit.weights)."""
     spec = _spec(model)
     _refuse_unsupported(spec, runtime)
     dtype = "float16" if weights == "float16" else "float32"
-    emitted = _emitter().emit(model, cache=True, profile=runtime, dtype=dtype, max_length=max_length)
+    emitted = _emitter().emit(model, weights=source, cache=True, profile=runtime, dtype=dtype, max_length=max_length)
     return emitted, _cache_layers(emitted), [str(n) for n in getattr(emitted, "notes", [])]
 
 
 def _spec(model) -> S.Spec:
 
-    return spec_of(model)
+    return model if isinstance(model, S.Spec) else spec_of(model)
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -263,13 +275,16 @@ def check_cache_shapes(inputs: dict[str, list[int | None]], layers: list[CacheLa
 
 
 def _graph(emitted, weights: str):
-    """What to save: a quantized onnx.ModelProto for int8/int4 (and its description), else the graph as given
-    (an `Emitted` saves one tensor at a time)."""
+    """What to save and its quantization's description: for int8/int4 the graph with MatMulNBits, each weight
+    quantized as it is saved (an onnx.ModelProto becomes an `Emitted` first), else the graph as given (an
+    `Emitted` saves one tensor at a time)."""
     if weights not in ("int8", "int4"):
         return emitted, None
+    if not hasattr(emitted, "to_proto"):
+        import onnx_ir as ir
 
-    q = quantize(emitted.to_proto() if hasattr(emitted, "to_proto") else emitted, weights)
-    return q.model, q.describe()
+        emitted = emit.Emitted(model=ir.from_proto(emitted))
+    return emitted, quantize_graph(emitted.model, weights).describe()
 
 
 def _save(graph, tmp: Path) -> None:
@@ -284,8 +299,7 @@ def _hf_files(info: DecoderInfo, weights: str) -> dict[str, dict]:
     if info.hf_config is None:
         return {}
     dtype = "float16" if weights == "float16" else "float32"
-    gen = {"do_sample": False, "max_length": info.context, "bos_token_id": None, "eos_token_id": None,
-           "pad_token_id": None}
+    gen = {"do_sample": False, "max_length": info.context, **_token_ids(info.tokens)}
     return {"config.json": info.hf_config | {"torch_dtype": dtype}, "generation_config.json": gen}
 
 
@@ -302,7 +316,8 @@ def write_decoder(out: str | os.PathLike, graph, info: DecoderInfo, runtime: str
     share = runtime == "genai" if share_buffer is None else share_buffer
     cfg = genai_config(inputs=list(ins), outputs=outs, layers=info.layers, heads=info.heads, width=info.width,
                        vocab=info.vocab, context=info.context, share_buffer=share, model_type=info.model_type,
-                       filename=GRAPH)
+                       filename=GRAPH, bos=info.tokens.get("bos_token_id"), eos=info.tokens.get("eos_token_id"),
+                       pad=info.tokens.get("pad_token_id"))
     family = info.hf_config["model_type"] if info.hf_config else None
     manifest = {"name": info.name, "runtime": runtime, "weights": weights, "decoder": True,
                 "max_length": info.context, "past_present_share_buffer": share,
@@ -329,7 +344,7 @@ def write_encoder(out: str | os.PathLike, model, weights: str) -> Deployed:
         raise MptcError(f"--weights {weights} applies to decoders; '{_spec(model).name}' is an encoder",
                         hint="deploy it with --weights float32 or float16")
     with atomic_dir(out, kind="deploy") as tmp:
-        export_onnx(model, tmp / GRAPH, external_data=True)
+        mptc.export_onnx(model, tmp / GRAPH, external_data=True)
         _json(tmp / "deploy.json", {"name": _spec(model).name, "runtime": None, "weights": weights,
                                     "decoder": False})
         sizes = _sizes(tmp)
@@ -350,15 +365,26 @@ def deploy(src, out: str | os.PathLike, runtime: str = "genai", weights: str = "
         done = write_encoder(out, _load(src, weights), weights)
     else:
         context = max_length_for(spec, max_length)
-        emitted, layers, notes = emit_decoder(_load(src), runtime, weights, context)
-        done = write_decoder(out, emitted, decoder_info(spec, layers, context), runtime, weights, notes,
+        model, source = _decoder(src, runtime)
+        emitted, layers, notes = emit_decoder(model, runtime, weights, context, source=source)
+        info = decoder_info(spec, layers, context, _stored_tokens(src))
+        done = write_decoder(out, emitted, info, runtime, weights, notes,
                              share_buffer=emitted.share_buffer)
     for line in done.lines() if log else ():
         log(line)
     return done
 
 
+def _stored_tokens(src) -> dict:
+    """The bos / eos / pad ids of a model dir imported from Hugging Face ({} for a spec or a module)."""
+    if not isinstance(src, str | os.PathLike) or not (Path(src) / WEIGHTS_FILE).is_file():
+        return {}
+    return special_tokens(src)
+
+
 def _is_module(src) -> bool:
+    if "torch" not in sys.modules:  # no module exists before torch is imported (the torch-free path)
+        return False
     from torch import fx
 
     return isinstance(src, fx.GraphModule)
@@ -374,4 +400,15 @@ def _load(src, weights: str = "float32"):
     if _is_module(src):
         return src
 
-    return load_model(src, dtype="float16" if weights == "float16" else "float32")
+    return mptc.load_model(src, dtype="float16" if weights == "float16" else "float32")
+
+
+def _decoder(src, runtime: str):
+    """What the emitter reads for a decoder: a model dir it covers as its spec and its weights, read one at a time
+    while the file is written (no torch: mptc.emit.fast); else the loaded model (and no separate weights)."""
+    if not _is_module(src) and fast.is_model_dir(src):
+        spec = load(src)
+        if fast.covers(spec, cache=True, profile=runtime):
+            spec, ws = fast.read_model_dir(src, spec)
+            return spec, {k: w.astype(np.float32) for k, w in ws.items()}  # as load_model(dtype=float32)
+    return _load(src), None

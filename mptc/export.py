@@ -20,6 +20,7 @@ from torch.export import Dim
 from . import spec as S
 from .atomic import atomic_file, atomic_onnx, check_onnx_output
 from .emit import emit, unsupported
+from .emit.fast import BIG, write_onnx
 from .errors import MptcError
 from .files import ONNX_OPSET
 from .graph import spec_of
@@ -104,7 +105,7 @@ def export_onnx(model: fx.GraphModule, path: str | os.PathLike, opset: int = ONN
     spec = spec_of(model)
     if opset < 18:
         raise MptcError(f"opset {opset} is too old; mptc emits opset 18 or newer")
-    big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9  # protobuf's limit is 2 GB
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > BIG  # protobuf's limit is 2 GB
     if big and external_data is False:
         raise MptcError(f"the weights of '{spec.name}' pass the 2 GB limit of one ONNX file",
                         hint="write them as external data (external_data=True, or leave it unset)")
@@ -113,13 +114,7 @@ def export_onnx(model: fx.GraphModule, path: str | os.PathLike, opset: int = ONN
     model.eval()
     dtype = next(model.parameters()).dtype
     if _direct(spec, dtype):  # written from the spec and weights, no tracing (mptc.emit, docs/onnx.md)
-
-        emitted = emit(model, dtype=str(dtype).removeprefix("torch."), opset=opset)
-        with atomic_onnx(path, external=external) as tmp:
-            emitted.save(tmp, external_data=external)
-            if check:
-                onnx.checker.check_model(str(tmp), full_check=True)
-        return Path(path)
+        return write_onnx(emit(model, dtype=str(dtype).removeprefix("torch."), opset=opset), path, external, check)
     kwargs = _export_inputs(spec)
     kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
     with _quiet():

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+import mptc
+
 from .errors import MptcError
-from .generate import next_tokens
 
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
@@ -140,11 +141,13 @@ def generate(path: str | os.PathLike, ids: np.ndarray, max_new_tokens: int, *, t
              on_token: Callable[[int, int], None] | None = None, model=None) -> Generation:
     """Generate `max_new_tokens` after `ids` (B, T) with the deploy dir at `path`. temperature 0: greedy;
     otherwise sampling with top_k / top_p from a torch generator seeded with `seed`, by the same rule as
-    `mptc.generate`. on_token(row, id): called with each new id as it comes.
+    `mptc.generate`. on_token(row, id): called with each new id as it comes. A row ends early at an
+    `eos_token_id` of genai_config.json (kept as its last id), as transformers' `generate` ends it; a model
+    without one runs to `max_new_tokens`.
 
     ONNX Runtime GenAI runs the graph and keeps the cache (`append_tokens`, `get_logits`); mptc picks the
     tokens. GenAI's own `generate_next_token` ends a row at the end token, and with no end token configured
-    it takes `pad_token_id` for one, while mptc models have none and every id is one they may emit. GenAI
+    it takes `pad_token_id` for one, while a model without an end token may emit every id. GenAI
     appends tokens step by step only for one row at a time, so the rows run one after the other."""
     import torch
 
@@ -164,12 +167,13 @@ def generate(path: str | os.PathLike, ids: np.ndarray, max_new_tokens: int, *, t
     rng = torch.Generator().manual_seed(seed) if seed is not None and temperature > 0 else None
     pick = _Picker(temperature, top_k, top_p, rng)
     try:
-        runs = [_row(model, r, row, max_new_tokens, pick, on_token) for r, row in enumerate(ids)]
+        stops = _eos(path)
+        runs = [_row(model, r, row, max_new_tokens, pick, on_token, stops) for r, row in enumerate(ids)]
     except MptcError:
         raise
     except Exception as e:  # the runtime's errors: shapes, a damaged graph, …
         raise MptcError(f"ONNX Runtime GenAI failed on {path}: {_message(e)}") from None
-    n = ids.shape[0] * (max_new_tokens - 1)  # tokens made by decode steps (the first came from the prefill)
+    n = sum(len(r.ids) - 1 for r in runs)  # tokens made by decode steps (the first came from the prefill)
     decode = sum(r.decode_s for r in runs)
     return Generation([r.ids for r in runs], round(n / decode, 2) if n > 0 and decode > 0 else 0.0,
                       round(sum(r.prefill_s for r in runs) * 1e3, 3), np.stack([r.first for r in runs]))
@@ -187,8 +191,8 @@ class _Picker:
     def __call__(self, logits: np.ndarray) -> int:
         import torch
 
-
-        return int(next_tokens(torch.from_numpy(logits[None]), self.temperature, self.top_k, self.top_p, self.rng)[0])
+        pick = mptc.next_tokens  # mptc.generate's rule, imported on first use (this module stays torch-free)
+        return int(pick(torch.from_numpy(logits[None]), self.temperature, self.top_k, self.top_p, self.rng)[0])
 
 
 @dataclass
@@ -199,8 +203,10 @@ class _Run:
     decode_s: float
 
 
-def _row(model, r: int, row: np.ndarray, n: int, pick: _Picker, on_token) -> _Run:
-    """Prompt row r (T,) continued by n tokens: a prefill, then n − 1 one-token steps through the cache."""
+def _row(model, r: int, row: np.ndarray, n: int, pick: _Picker, on_token, stops: frozenset[int] = frozenset()
+         ) -> _Run:
+    """Prompt row r (T,) continued by n tokens: a prefill, then n − 1 one-token steps through the cache; the
+    row ends early at an id in `stops`."""
     og = _og()
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=row.shape[0] + n, batch_size=1)
@@ -214,10 +220,20 @@ def _row(model, r: int, row: np.ndarray, n: int, pick: _Picker, on_token) -> _Ru
         out.append(pick(logits))
         if on_token is not None:
             on_token(r, out[-1])
+        if out[-1] in stops:
+            break
         if step + 1 < n:
             gen.append_tokens(np.array([[out[-1]]], dtype=np.int64))  # (1, 1)
             logits = _last_logits(gen)[0]
     return _Run(out, first, t1 - t0, time.perf_counter() - t1)
+
+
+def _eos(path: str | os.PathLike) -> frozenset[int]:
+    """The end-of-sequence ids of a deploy dir's genai_config.json (none: generation runs to the length)."""
+    import json
+
+    eos = json.loads((Path(path) / "genai_config.json").read_text())["model"].get("eos_token_id")
+    return frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
 
 def _sizes(path: str | os.PathLike) -> tuple[int, int]:

@@ -49,6 +49,7 @@ from .hf_families import (
 )
 from .lower import lower
 from .model import build, load_model
+from .tokens import special_tokens as stored_tokens
 
 __all__ = ["BERT_WEIGHTS", "CHECK_TOL", "EXPORTS", "FAMILIES", "GPT2_WEIGHTS", "LLAMA_WEIGHTS", "VIT_WEIGHTS",
            "Checkpoint", "Family", "Map", "check_hf", "export_hf", "from_hf", "import_hf", "open_checkpoint",
@@ -474,14 +475,7 @@ def _special_tokens(d: Path) -> dict[str, int | list[int]]:
 
 def special_tokens(model_dir: str | os.PathLike) -> dict[str, int | list[int]]:
     """The bos / eos / pad token ids an `import_hf` model dir carries from its checkpoint (absent ones left out)."""
-    p = Path(model_dir) / WEIGHTS_FILE
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # the same message as loading the weights
-        raise MptcError(f"cannot read weights from {p}: {e}", hint="the file is damaged or not a safetensors "
-                        "file; write the model dir again") from None
-    return {k: json.loads(meta[f"hf.{k}"]) for k in TOKEN_KEYS if f"hf.{k}" in meta}
+    return stored_tokens(model_dir)
 
 
 def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, check: bool = False,

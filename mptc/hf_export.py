@@ -39,11 +39,12 @@ def _show(v: Any) -> str:
 def _same(fam: str, key: str, values: list, what: str = "", where: list[str] | None = None) -> str | None:
     """A problem when per-layer values differ: the family's config holds one value for all of them."""
     where = where or [f"layer {j}" for j in range(len(values))]
-    for j, v in enumerate(values):
-        if v != values[0]:
-            return (f"{fam}'s config has one `{key}`; {where[j]} has {what}{_show(v)}, "
-                    f"{where[0]} has {what}{_show(values[0])}")
-    return None
+    odd = [j for j, v in enumerate(values) if v != values[0]]
+    if not odd:
+        return None
+    more = f" (also {', '.join(f'{where[k]}: {_show(values[k])}' for k in odd[1:])})" if len(odd) > 1 else ""
+    return (f"{fam}'s config has one `{key}`; {where[odd[0]]} has {what}{_show(values[odd[0]])}, "
+            f"{where[0]} has {what}{_show(values[0])}{more}")
 
 
 def _same_eps(spec: S.Spec, fam: str, key: str) -> str | None:
@@ -122,6 +123,8 @@ def _gpt2_export(spec: S.Spec) -> tuple[list[str], Config]:
     problems = _common(spec, "GPT-2") + [
         spec.embed.positions.kind != "learned" and
         f"GPT-2 has learned positions (`n_positions`); this model has {spec.embed.positions.kind} positions",
+        spec.embed.positions.skip_padding and "GPT-2 numbers every position, padding included; this model counts "
+        "only the real tokens (`learned(skip_padding = true)`)",
         spec.head.norm is None and "GPT-2 has a final layernorm (`ln_f`); this model's head has no norm",
         _every(spec, lambda ly: not (ly.norm.kind == "layernorm" and ly.norm.bias) and
                f"GPT-2 norms are layernorms with bias (`layer_norm_epsilon`); layer {{i}} has {_show(ly.norm)}"),
@@ -599,6 +602,11 @@ def _bert_export(spec: S.Spec, key: str) -> tuple[list[str], Config]:
         e.positions.kind != "learned" and
         f"{fam} has learned positions (`max_position_embeddings`); this model has {e.positions.kind} positions",
         spec.context is None and f"{fam} has a position table (`max_position_embeddings`); this model has no context",
+        e.positions.kind == "learned" and e.positions.skip_padding != bool(offset) and (
+            f"{fam} counts positions over the real tokens only; this model numbers every position (set `positions = "
+            "learned(skip_padding = true)`)" if offset else
+            f"{fam} numbers every position, padding included; this model counts only the real tokens "
+            "(`learned(skip_padding = true)`)"),
         e.norm is None and f"{fam} has an embedding layernorm; this model has no embed.norm",
         e.segments < 1 and f"{fam} has token types (`type_vocab_size` ≥ 1); this model has segments = 0",
         *_features(spec, fam, frozenset({F.SEGMENTS, F.POST_NORM, F.LM_TRANSFORM, F.POOLER, F.PATCHES, F.ROPE,
@@ -632,6 +640,8 @@ def _distilbert_export(spec: S.Spec) -> tuple[list[str], Config]:
     problems = [
         not spec.reads_tokens and f"{fam} reads tokens; this model reads image patches",
         e.positions.kind != "learned" and f"{fam} has learned positions; this model has {e.positions.kind} positions",
+        e.positions.skip_padding and f"{fam} numbers every position, padding included; this model counts only the "
+        "real tokens (`learned(skip_padding = true)`)",
         spec.context is None and f"{fam} has a position table (`max_position_embeddings`); this model has no context",
         e.norm is None and f"{fam} has an embedding layernorm; this model has no embed.norm",
         *_features(spec, fam, frozenset({F.POST_NORM, F.LM_TRANSFORM, F.PATCHES, F.ROPE, F.SINUSOIDAL,
@@ -726,6 +736,11 @@ def _export_config(spec: S.Spec, family: str | None) -> tuple[str, Config]:
     if not problems:
         return name, config
     rest = f"; also: {'; '.join(problems[1:4])}" + (" …" if len(problems) > 4 else "") if len(problems) > 1 else ""
+    if "config has one `" in problems[0]:  # per-layer values (an extracted model's widths): deploy holds them
+        raise MptcError(f"cannot export as {FAMILIES[name].name}: {problems[0]}", hint=(
+            "a Hugging Face config holds one value for all layers; to deploy per-layer shapes, `mptc deploy DIR -o "
+            "OUT` writes an ONNX Runtime GenAI dir (each layer's shape read from the graph; docs/deploy.md), or "
+            "`mptc compile DIR -o X.onnx` one ONNX file" + rest))
     raise MptcError(f"cannot export as {FAMILIES[name].name}: {problems[0]}", hint=(
         f"export-hf writes {', '.join(FAMILIES[k].name for k in EXPORTS)}, with one value per config field for all "
         "layers" + rest))

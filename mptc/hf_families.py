@@ -598,7 +598,8 @@ def _bert_spec(cfg: Config, head: str, name: str = "bert", offset: bool = False)
     """BERT, RoBERTa, XLM-R: learned positions, token types, embedding LayerNorm, post-norm, bidirectional.
 
     offset: RoBERTa numbers real tokens from `pad_token_id` + 1, so the table's first pad + 1 rows are never read
-    by a real token; the import drops them, and `context` is `max_position_embeddings` − pad − 1.
+    by a real token; the import drops them, `context` is `max_position_embeddings` − pad − 1, and positions count
+    only the real tokens (`learned(skip_padding = true)`), so left padding numbers them as transformers does.
     """
     _refuse_if(cfg, "position_embedding_type", lambda v: v != "absolute", "mptc has absolute (learned) positions only")
     for key in ("is_decoder", "add_cross_attention"):
@@ -615,7 +616,8 @@ def _bert_spec(cfg: Config, head: str, name: str = "bert", offset: bool = False)
              "token": S.Head("classify", bias=True, classes=_num_labels(cfg), pool="none"),
              "span": S.Head("span", bias=True), "none": S.Head("none")}
     _span_labels(cfg, head)
-    embed = S.Embed(positions=S.Positions("learned"), dropout=drop, norm=norm, segments=_int(cfg, "type_vocab_size", 0))
+    embed = S.Embed(positions=S.Positions("learned", skip_padding=offset), dropout=drop, norm=norm,
+                    segments=_int(cfg, "type_vocab_size", 0))
     context = _int(cfg, "max_position_embeddings")
     if offset:
         pad = _int(cfg, "pad_token_id", least=0)

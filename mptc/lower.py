@@ -384,7 +384,12 @@ def lower(spec: S.Spec, device: torch.device | str = "cpu", cache: bool = False)
     if e.positions.kind == "learned":
         pos = b.param("embed.positions.weight", (("P",), ("D",)), "embed.positions", "normal", ("in", "out"))
         # (T,), or the cached graph's position ids (B, S)
-        ids = b.cache.positions if cache else b.call(ops.positions, x, role="embed.positions")
+        if cache:
+            ids = b.cache.positions
+        elif e.positions.skip_padding:  # (B, T): counted over the real tokens
+            ids = b.call(ops.real_positions, mask_in, x, role="embed.positions")
+        else:
+            ids = b.call(ops.positions, x, role="embed.positions")
         x = b.call(operator.add, x, b.call(F.embedding, ids, pos, role="embed.positions"), role="embed.positions")
     elif e.positions.kind == "sinusoidal":
         table = b.call(ops.sinusoidal_at, b.cache.positions, x, role="embed.positions") if cache else \

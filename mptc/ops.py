@@ -18,6 +18,14 @@ def positions(x: Tensor) -> Tensor:
     return torch.arange(x.shape[1], device=x.device)  # (T,)
 
 
+def real_positions(mask: Tensor | None, x: Tensor) -> Tensor:
+    """Position ids that count only the real tokens: cumsum(mask) − 1 (B, T), clamped at 0 on padding; 0..T−1
+    (T,) without a mask. For x (B, T, …) and mask (B, T), as RoBERTa numbers its positions."""
+    if mask is None:
+        return positions(x)
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+
 def sinusoidal(x: Tensor) -> Tensor:
     """The fixed sin/cos table of Vaswani et al. for x (B, T, D): (T, D), sin in even dims."""
     t, d = x.shape[1], x.shape[2]

@@ -126,6 +126,9 @@ def as_positions(v: V) -> S.Positions:
             raise SpecError(f"yarn scaling needs theta > 1, got {p.theta}", v.span,
                             "its ramp is measured in rotations of theta^(2j/R)")
         return p
+    if isinstance(v.value, CallValue) and v.value.name == "learned":
+        skip = {"skip_padding": lambda a: as_bool(a, "skip_padding")}
+        return S.Positions("learned", **call_args(v, "positions", skip))
     if isinstance(v.value, CallValue):
         name = v.value.name
         raise SpecError(f"unknown positions '{name}'", v.span, suggest(name, S.POSITIONS) or one_of(S.POSITIONS))

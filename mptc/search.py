@@ -19,6 +19,7 @@ whole and no layer is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -34,6 +35,7 @@ from .atomic import atomic_file
 from .choice import Choice, level_names, sub_spec
 from .errors import MptcError
 from .graph import spec_of
+from .passes.correct import grams, refit
 from .passes.scores import masked, mean_loss
 from .summary import human, summarize
 from .train import evaluate
@@ -334,17 +336,80 @@ class LinearSizer:
         return s.params, s.flops_per_token
 
 
+class _Refitted:
+    """The model run as a sub-network whose cut projections (each layer's MLP down and attention output)
+    are refit by ridge least squares on the search batches (passes/correct.py), in place: `trying` one
+    cut, `keep` it, `refresh` the Gram matrices after a cut (the later layers' inputs changed), `restore`."""
+
+    def __init__(self, model: fx.GraphModule, batches: list[dict], ridge: float):
+        spec = spec_of(model)
+        self.model, self.batches, self.ridge = model, batches, ridge
+        self.names = {(i, k): f"layers.{i}.{'mlp.down' if k == 'mlp' else 'attn.o'}.weight"
+                      for i in range(spec.n_layers) for k in ("mlp", "attn")}
+        self.whole = {key: model.get_parameter(n).detach().clone() for key, n in self.names.items()}  # (D, F)
+        self.grams: dict[tuple[int, str], Tensor] = {}
+
+    def weight(self, key: tuple[int, str], keep: int) -> Tensor:
+        """The projection with its first `keep` inputs refit to do what all of them did, the rest zero."""
+        w = self.whole[key]
+        if keep >= w.shape[1]:
+            return w
+        out = w.new_zeros(w.shape)
+        out[:, :keep] = refit(w, self.grams[key], keep, self.ridge)
+        return out
+
+    def put(self, key: tuple[int, str], w: Tensor) -> None:
+        self.model.get_parameter(self.names[key]).data.copy_(w)
+
+    @contextlib.contextmanager
+    def trying(self, key: tuple[int, str] | None, keep: int) -> Iterator[None]:
+        """A context with one candidate cut in place (None: nothing to refit)."""
+        if key is None:
+            yield
+            return
+        now = self.model.get_parameter(self.names[key]).detach().clone()
+        self.put(key, self.weight(key, keep))
+        try:
+            yield
+        finally:
+            self.put(key, now)
+
+    def refresh(self, skip: set[int]) -> None:
+        with masked(self.model, {i: (None, None, True) for i in skip}):
+            self.grams = grams(self.model, self.batches)
+
+    def restore(self) -> None:
+        for key, w in self.whole.items():
+            self.put(key, w)
+
+
 def plain_search(model: fx.GraphModule, budget: Budget, batches: list[dict], what: Sequence[str] = ("mlp",),
-                 step: float = 1 / 16, progress=None) -> PlainResult:
+                 step: float = 1 / 16, progress=None, refit_ridge: float | None = None) -> PlainResult:
     """Per-layer widths of a model without nesting (reorder it first: the prefixes are cut), greedily:
     from the whole model, cut whichever of one `step` of a layer's MLP units, one kv group of a layer
     (`what` has "heads") or one whole layer (`what` has "layers") raises the loss on `batches` least per
     parameter (or FLOP) saved, until the budget holds. The cut parts are silenced in place, so
-    each candidate costs one evaluation and nothing is copied."""
+    each candidate costs one evaluation and nothing is copied. With `refit_ridge` (e.g. 1e-3, what
+    `extract(correct = lsq)` uses), each candidate is measured with its cut projection refit by ridge least
+    squares on `batches`, and the cuts kept stay refit: the widths are chosen for the corrected model."""
     spec = spec_of(model)
     if spec.nested:
         raise MptcError(f"model '{spec.name}' is nested: search its trained granularities",
                         hint="leave out --plain")
+    moe = [i for i, ly in enumerate(spec.layers) if ly.mlp.moe]
+    if moe:
+        raise MptcError(f"layer {moe[0]}'s MLP is a mixture of experts: the per-layer search sizes dense MLPs",
+                        hint="cut every expert to one fraction with `mptc extract --mlp F`")
+    state = _Refitted(model, batches, refit_ridge) if refit_ridge is not None else None
+    try:
+        return _plain_search(model, spec, budget, batches, what, step, progress, state)
+    finally:
+        if state is not None:
+            state.restore()
+
+
+def _plain_search(model: fx.GraphModule, spec: S.Spec, budget: Budget, batches: list[dict], what: Sequence[str],
+                  step: float, progress, state: _Refitted | None) -> PlainResult:
     units = [ly.mlp.hidden for ly in spec.layers]
     groups = [ly.attention.kv_heads for ly in spec.layers]
     skip: set[int] = set()
@@ -360,6 +425,8 @@ def plain_search(model: fx.GraphModule, budget: Budget, batches: list[dict], wha
 
     with masked(model, {}):
         loss = mean_loss(model, batches)
+    if state is not None:
+        state.refresh(skip)
     steps = []
     while size[metric] > budget.limit:
         options = []
@@ -379,12 +446,21 @@ def plain_search(model: fx.GraphModule, budget: Budget, batches: list[dict], wha
         best = None
         for cut, u, g, sk in options:
             sz = sizer.sizes(u, g, sk)
-            with masked(model, cuts(u, g, sk)):
-                new_loss = mean_loss(model, batches)
+            if state is None:
+                with masked(model, cuts(u, g, sk)):
+                    new_loss = mean_loss(model, batches)
+            else:  # the kept cuts are refit in place; this one is refit for its evaluation
+                with state.trying(*_refit_of(spec, cut, u, g)), masked(model, {i: (None, None, True) for i in sk}):
+                    new_loss = mean_loss(model, batches)
             rate = (new_loss - loss) / max(1, size[metric] - sz[metric])
             if best is None or rate < best[0]:
                 best = (rate, cut, u, g, sk, sz, new_loss)
         _, cut, units, groups, skip, size, loss = best
+        if state is not None:
+            key, keep = _refit_of(spec, cut, units, groups)
+            if key is not None:
+                state.put(key, state.weight(key, keep))
+            state.refresh(skip)
         steps.append(PlainStep(cut, size[0], size[1], loss))
         if progress:
             progress(len(steps), size[metric])
@@ -394,6 +470,20 @@ def plain_search(model: fx.GraphModule, budget: Budget, batches: list[dict], wha
     whole = tuple((ly.mlp.hidden, ly.attention.kv_heads) for ly in spec.layers)
     return PlainResult(budget, mlp, heads, tuple(sorted(skip)), size[0], size[1], loss, steps, tuple(units),
                        tuple(groups), whole)
+
+
+def _refit_of(spec: S.Spec, cut: str, units: Sequence[int], groups: Sequence[int]) -> tuple[tuple[int, str] | None,
+                                                                                             int]:
+    """The projection a candidate cut refits and how many of its inputs stay: "mlp i" the down projection
+    (units), "kv i" the attention output (the kept groups' query heads × Dv), "drop i" none."""
+    kind, i = cut.split()
+    i = int(i)
+    if kind == "mlp":
+        return (i, "mlp"), units[i]
+    if kind == "kv":
+        a = spec.layers[i].attention
+        return (i, "attn"), groups[i] * (a.heads // a.kv_heads) * a.value_dim
+    return None, 0
 
 
 # --- output --------------------------------------------------------------------------------

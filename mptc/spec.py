@@ -59,6 +59,7 @@ class Positions:
     kind: str = "learned"  # learned | sinusoidal | rope | none
     theta: float = 10000.0  # rope base; frequencies θ_i = theta^(−2i/K), "rotate half" layout
     scaling: RopeScaling | None = None  # rope: rescaled frequencies for longer contexts
+    skip_padding: bool = False  # learned: a token's position counts only the real tokens before it (RoBERTa)
 
 
 @dataclass(frozen=True)
@@ -481,6 +482,8 @@ ROPE_SCALING_ARGS = {  # the arguments of each scaling, in the order they are pr
 
 
 def _positions(p: Positions) -> str:
+    if p.kind == "learned" and p.skip_padding:
+        return "learned(skip_padding = true)"
     if p.kind != "rope":
         return p.kind
     if p.scaling is None:

@@ -52,6 +52,20 @@ def _gram(model: fx.GraphModule, batches: list[dict], layer: int, kind: str) -> 
     return acc["g"]
 
 
+def grams(model: fx.GraphModule, batches: list[dict]) -> dict[tuple[int, str], Tensor]:
+    """hᵀh of the input to every layer's down ("mlp") and output ("attn") projection, float64, in one run:
+    (layer, kind) → (F × F) or (H·Dv × H·Dv)."""
+    acc: dict[tuple[int, str], Tensor] = {}
+
+    def on(i: int, k: str, x: Tensor) -> None:
+        if k in ("mlp", "attn"):
+            h = x.reshape(-1, x.shape[-1]).double()  # (N, F)
+            acc[i, k] = acc.get((i, k), 0) + h.T @ h
+
+    record(model, batches, on)
+    return acc
+
+
 def refit(w: Tensor, g: Tensor, keep: int, ridge: float) -> Tensor:
     """The ridge least-squares W' (D × keep) whose kept inputs best reproduce W (D × F) on data with
     Gram matrix g (F × F): W' = W g[:, :keep] (g[:keep, :keep] + λI)⁻¹."""

@@ -30,8 +30,19 @@ from mptc.nested import granularity
 from .base import CheckFailed, Pass, PassError, layer_list
 from .correct import DEFAULT_RIDGE, RefitClaim, sequential_refits
 from .engine import Certificate, Change, remap
-from .grow import KNOWN_ROLES
-from .scores import SCORES, Calibration, calibration_of, head_order, layer_losses, masked, mean_loss, scores
+from .grow import GROWTH_FEATURES, KNOWN_ROLES
+from .scores import (
+    SCORES,
+    Calibration,
+    calibration_of,
+    head_order,
+    layer_losses,
+    masked,
+    mean_loss,
+    mlp_groups,
+    scores,
+    shared_kept,
+)
 from .verify import F64_TOL, max_error, probes
 
 NOT_TEXT = {"text": False}  # a field pass text cannot write (tensors given from Python)
@@ -48,6 +59,7 @@ class Extract(Pass):
 
     name = "extract"
     handles = KNOWN_ROLES
+    features = GROWTH_FEATURES  # the base language and mixtures of experts (each expert cut to its prefix)
     f32_tol = 1e-5  # a sliced matmul against one with zeroed columns: float32 sums in another order
     mlp: str | None = None  # one granularity (s, m, l, xl) or fraction (0.5) for every MLP
     mix: str | None = None  # one MLP granularity or fraction per layer, "s,s,m,l" or "0.5,0.25,0.5,1"
@@ -135,8 +147,10 @@ class Extract(Pass):
             if i in c.skip and not ly.skippable and ly.placement != "pre":
                 raise PassError(f"extract: layer {i} has placement = {ly.placement}: only a pre-norm layer (or a "
                                 "skippable one) can be left out", hint="drop pre-norm layers, or declare skippable")
-            if c.mlp[i] < 1.0 and ly.mlp.nested is None and ly.mlp.moe:
-                raise PassError(f"extract: layer {i}'s MLP is a mixture of experts; it cannot be cut to a prefix")
+            if c.mlp[i] < 1.0 and ly.mlp.moe and self.correct is not None:
+                raise PassError(f"extract: layer {i}'s MLP is a mixture of experts; correct = lsq refits a dense "
+                                "MLP's down projection", hint="leave out correct (each expert is cut to its "
+                                "prefix and checked exactly)")
 
     def _least(self, model: fx.GraphModule, c: C.Choice) -> list[int]:
         """The `drop_least` layers whose removal alone raises the calibration loss least."""
@@ -184,14 +198,20 @@ class Extract(Pass):
         kept = [i for i in range(spec.n_layers) if i not in choice.skip]
         sizes = C.active_sizes(spec, choice)
         maps = {}
+        layers = list(new.layers)
         for new_i, old_i in enumerate(kept):
             f, h, g = sizes[old_i]
             ly = spec.layers[old_i]
             if f < ly.mlp.hidden:
-                maps[f"F[{new_i}]"] = torch.arange(f)
+                maps[f"F[{new_i}]"] = torch.arange(f)  # a mixture: every expert's first f units
+                fs = shared_kept(ly.mlp, f)
+                if fs is not None:  # and its shared expert's, the same fraction
+                    maps[f"Fs[{new_i}]"] = torch.arange(fs)
+                    layers[new_i] = replace(layers[new_i], mlp=replace(layers[new_i].mlp, shared=fs))
             if g < ly.attention.kv_heads:
                 maps[f"H[{new_i}]"] = torch.arange(h)  # query heads of the first g groups
                 maps[f"G[{new_i}]"] = torch.arange(g)
+        new = new.replace(layers=tuple(layers))
         if self.merge_kv:  # each new group starts as the first of the groups merged into it
             layers = list(new.layers)
             for new_i, old_i in enumerate(kept):
@@ -325,6 +345,7 @@ class Reorder(Pass):
 
     name = "reorder"
     handles = KNOWN_ROLES
+    features = GROWTH_FEATURES  # the base language and mixtures of experts (each expert in its own order)
     by: str = "weight"  # weight | activation | taylor
     what: str = "both"  # mlp | heads | both
     layers: list[int] | None = None
@@ -336,6 +357,7 @@ class Reorder(Pass):
     def __post_init__(self):
         super().__post_init__()
         self._record: dict = {}
+        self._experts: dict[int, torch.Tensor] = {}  # layer → (E, F): each expert's order of its units
 
     def requires(self, model):
         super().requires(model)
@@ -358,9 +380,14 @@ class Reorder(Pass):
             self._record["calibration"] = cal.record()
         s = scores(model, self.by, cal.batches if cal else None)
         maps = {}
+        self._experts = {}
         for i in ls:
-            units, heads, groups = s[i]
-            if self.what in ("mlp", "both"):
+            units, heads, groups, shared = s[i]
+            if self.what in ("mlp", "both") and units.dim() == 2:  # a mixture: each expert in its own order
+                self._experts[i] = torch.argsort(units, dim=1, descending=True, stable=True)  # (E, F)
+                if shared is not None:
+                    maps[f"Fs[{i}]"] = torch.argsort(shared, descending=True, stable=True)
+            elif self.what in ("mlp", "both"):
                 maps[f"F[{i}]"] = torch.argsort(units, descending=True, stable=True)
             if self.what in ("heads", "both"):
                 a = spec.layers[i].attention
@@ -371,9 +398,36 @@ class Reorder(Pass):
                     maps[f"G[{i}]"] = g_map
         return Change(spec, maps)
 
+    def apply(self, model):
+        new, cert = super().apply(model)
+        return (new, cert) if not self._experts else _order_experts(model, new, cert, self._experts)
+
     def notes(self, old: fx.GraphModule) -> list[str]:
         """The calibration data the scores were measured on (report.json's notes)."""
         return _notes(self._record)
+
+
+def _order_experts(old: fx.GraphModule, new: fx.GraphModule, cert: Certificate, orders: dict[int, torch.Tensor]
+                   ) -> tuple[fx.GraphModule, Certificate]:
+    """Each expert's hidden units permuted by its own order (layer → (E, F) source indices): the experts'
+    stacked up/gate rows (and biases) and down columns, as new tensors. A per-expert permutation is no
+    per-axis map, so the claim says it in words; the pass's function check (1e-9 in float64) stands."""
+    claims = list(cert.claims)
+    for i, order in orders.items():
+        for name, axis in mlp_groups(i, "experts"):
+            try:
+                w = old.get_parameter(name).detach()
+            except AttributeError:
+                continue
+            shape = [1] * w.dim()
+            shape[0], shape[axis] = order.shape
+            index = order.view(shape).expand(w.shape)  # (E, F, D), (E, D, F) or (E, F)
+            new.get_parameter(name).data = torch.take_along_dim(w, index, dim=axis)
+            cert.kept.pop(name, None)
+            claims.append(RefitClaim(name, name, tuple(w.shape), tuple(w.shape), [None] * w.dim(), fresh=True,
+                                     note=f"axis {axis}: each expert's units permuted by its own {order.shape[1]}-"
+                                     "unit ranking"))
+    return new, Certificate(claims, dict(cert.kept))
 
 
 def _notes(record: dict) -> list[str]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
+from mptc import ops
 from mptc import spec as S
 from mptc.data import even_windows, read_tokens, resolve_sources, split_tokens, windows
 from mptc.errors import MptcError
@@ -121,21 +122,46 @@ def _get(model: fx.GraphModule, name: str) -> Tensor | None:
         return None
 
 
-def mlp_groups(i: int) -> list[tuple[str, int]]:
-    """The parameters coupled to layer i's MLP units, with the axis that indexes the unit."""
-    p = f"layers.{i}.mlp"
-    return [(f"{p}.up.weight", 0), (f"{p}.gate.weight", 0), (f"{p}.down.weight", 1), (f"{p}.up.bias", 0),
-            (f"{p}.gate.bias", 0)]
+def mlp_groups(i: int, part: str = "") -> list[tuple[str, int]]:
+    """The parameters coupled to layer i's MLP units, with the axis that indexes the unit: the dense MLP
+    (part ""), the shared expert of a mixture ("shared") or its experts ("experts": stacked (E, …) tensors,
+    the unit axis after the expert axis)."""
+    p = f"layers.{i}.mlp" + (f".{part}" if part else "")
+    e = int(part == "experts")  # the unit axis moves one right
+    return [(f"{p}.up.weight", e), (f"{p}.gate.weight", e), (f"{p}.down.weight", 1 + e), (f"{p}.up.bias", e),
+            (f"{p}.gate.bias", e)]
 
 
 def unit_sum(model: fx.GraphModule, values: dict[str, Tensor], i: int, m: S.MLP) -> Tensor:
-    """Per MLP unit of layer i: the sum of `values` (per-element tensors, by parameter name) over its group."""
-    total = torch.zeros(m.hidden, dtype=torch.float64)
-    for name, axis in mlp_groups(i):
+    """Per MLP unit of layer i: the sum of `values` (per-element tensors, by parameter name) over its group;
+    (F,) for a dense MLP, (E, F) for a mixture of experts (each expert's units)."""
+    if m.moe:
+        total = torch.zeros(m.experts, m.hidden, dtype=torch.float64)
+        for name, axis in mlp_groups(i, "experts"):
+            v = values.get(name)
+            if v is not None:
+                total += v.movedim(axis, 1).reshape(m.experts, m.hidden, -1).sum(2)
+        return total
+    return _dense_sum(values, i, "", m.hidden)
+
+
+def shared_sum(values: dict[str, Tensor], i: int, m: S.MLP) -> Tensor | None:
+    """Per unit of layer i's shared expert (Fs,): the sum of `values` over its group; None without one."""
+    return None if not m.moe or m.shared is None else _dense_sum(values, i, "shared", m.shared)
+
+
+def _dense_sum(values: dict[str, Tensor], i: int, part: str, n: int) -> Tensor:
+    total = torch.zeros(n, dtype=torch.float64)
+    for name, axis in mlp_groups(i, part):
         v = values.get(name)
         if v is not None:
-            total += v.movedim(axis, 0).reshape(m.hidden, -1).sum(1)
+            total += v.movedim(axis, 0).reshape(n, -1).sum(1)
     return total
+
+
+def shared_kept(m: S.MLP, f: int) -> int | None:
+    """The shared-expert units a mixture keeps when its experts keep f of their units: the same fraction."""
+    return None if not m.moe or m.shared is None else max(1, round(m.shared * f / m.hidden))
 
 
 def head_sum(values: dict[str, Tensor], i: int, a: S.Attention) -> tuple[Tensor, Tensor]:
@@ -157,13 +183,17 @@ def head_sum(values: dict[str, Tensor], i: int, a: S.Attention) -> tuple[Tensor,
     return heads, groups
 
 
-def weight_scores(model: fx.GraphModule, i: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Group L2 norms: (per MLP unit, per query head, per kv group)."""
+Scores = tuple[Tensor, Tensor, Tensor, Tensor | None]  # per MLP unit ((E, F) for experts), head, kv group, shared unit
+
+
+def weight_scores(model: fx.GraphModule, i: int) -> Scores:
+    """Group L2 norms: (per MLP unit, per query head, per kv group, per shared-expert unit)."""
     spec = spec_of(model)
     sq = {n: p.detach().double() ** 2 for n, p in model.named_parameters() if n.startswith(f"layers.{i}.")}
     ly = spec.layers[i]
     heads, groups = head_sum(sq, i, ly.attention)
-    return unit_sum(model, sq, i, ly.mlp).sqrt(), heads.sqrt(), groups.sqrt()
+    sh = shared_sum(sq, i, ly.mlp)
+    return unit_sum(model, sq, i, ly.mlp).sqrt(), heads.sqrt(), groups.sqrt(), None if sh is None else sh.sqrt()
 
 
 def taylor_values(model: fx.GraphModule, batches: list[dict]) -> dict[str, Tensor]:
@@ -185,31 +215,38 @@ def taylor_values(model: fx.GraphModule, batches: list[dict]) -> dict[str, Tenso
     return {n: (params[n].detach().double() * g).abs() for n, g in grads.items()}
 
 
-def taylor_scores(model: fx.GraphModule, batches: list[dict]) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
-    """Per layer: Taylor scores (per MLP unit, per query head, per kv group)."""
+def taylor_scores(model: fx.GraphModule, batches: list[dict]) -> dict[int, Scores]:
+    """Per layer: Taylor scores (per MLP unit, per query head, per kv group, per shared-expert unit)."""
     spec = spec_of(model)
     vals = taylor_values(model, batches)
     out = {}
     for i, ly in enumerate(spec.layers):
         heads, groups = head_sum(vals, i, ly.attention)
-        out[i] = (unit_sum(model, vals, i, ly.mlp), heads, groups)
+        out[i] = (unit_sum(model, vals, i, ly.mlp), heads, groups, shared_sum(vals, i, ly.mlp))
     return out
 
 
 def projection_inputs(model: fx.GraphModule) -> dict[fx.Node, tuple[int, str]]:
-    """The graph's MLP-down and attention-output linear nodes: node → (layer, "mlp" | "attn")."""
+    """The graph's MLP-down and attention-output projection nodes: node → (layer, kind), kind "mlp",
+    "attn", and in a mixture of experts "experts" (the experts' down projections) and "shared"."""
+    spec = spec_of(model)
     seen = {}
     for node in model.graph.nodes:
         info = node.meta.get("mptc")
-        if node.op == "call_function" and node.target is F.linear and info is not None \
-                and info.role in (Role.MLP_DOWN, Role.ATTN_O):
-            seen[node] = (info.layer, "mlp" if info.role == Role.MLP_DOWN else "attn")
+        if node.op != "call_function" or info is None or info.role not in (Role.MLP_DOWN, Role.ATTN_O):
+            continue
+        moe = info.layer is not None and spec.layers[info.layer].mlp.moe
+        if node.target is F.linear:
+            seen[node] = (info.layer, "attn" if info.role == Role.ATTN_O else "shared" if moe else "mlp")
+        elif node.target is ops.expert_mix:
+            seen[node] = (info.layer, "experts")
     return seen
 
 
 class Recorder(fx.Interpreter):
     """Runs the model and hands the input of every MLP-down and attention-output projection to
-    `on(layer, kind, x)`, x: (B, T, F) or (B, T, H·Dv)."""
+    `on(layer, kind, x)`, x: (B, T, F) or (B, T, H·Dv); for a mixture's experts (B, T, E, F), each
+    expert's hidden units times its gate (zero where the token is not routed to it)."""
 
     def __init__(self, model: fx.GraphModule, on):
         super().__init__(model)
@@ -218,7 +255,11 @@ class Recorder(fx.Interpreter):
     def run_node(self, n):
         out = super().run_node(n)
         if n in self.seen:
-            self.on(*self.seen[n], self.env[n.args[0]].detach())
+            i, kind = self.seen[n]
+            x = self.env[n.args[0]].detach()
+            if kind == "experts":  # expert_mix(z, w, b, gates)
+                x = x * self.env[n.args[3]].detach().unsqueeze(-1)  # (B, T, E, F) × (B, T, E, 1)
+            self.on(i, kind, x)
         return out
 
 
@@ -234,9 +275,10 @@ def record(model: fx.GraphModule, batches: list[dict], on) -> None:
         model.train(was)
 
 
-def activation_scores(model: fx.GraphModule, batches: list[dict]) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
+def activation_scores(model: fx.GraphModule, batches: list[dict]) -> dict[int, Scores]:
     """Minitron's scores: per MLP unit and per head, mean |activation| over the sequence, then L2
-    over the examples; a kv group scores the sum of its heads."""
+    over the examples; a kv group scores the sum of its heads. An expert's units score their gated
+    activations (B, T, E, F), so tokens not routed to the expert count zero."""
     spec = spec_of(model)
     sums: dict[tuple[int, str], Tensor] = {}
 
@@ -245,7 +287,7 @@ def activation_scores(model: fx.GraphModule, batches: list[dict]) -> dict[int, t
         if kind == "attn":
             a = spec.layers[i].attention
             x = x.view(*x.shape[:2], a.heads, a.value_dim).abs().mean(-1)  # (B, T, H)
-        per_example = x.abs().mean(1)  # (B, units)
+        per_example = x.abs().mean(1)  # (B, units) or (B, E, F)
         sums[i, kind] = sums.get((i, kind), 0) + (per_example**2).sum(0)
 
     record(model, batches, on)
@@ -253,12 +295,15 @@ def activation_scores(model: fx.GraphModule, batches: list[dict]) -> dict[int, t
     for i, ly in enumerate(spec.layers):
         heads = sums[i, "attn"].sqrt()
         a = ly.attention
-        out[i] = (sums[i, "mlp"].sqrt(), heads, heads.view(a.kv_heads, -1).sum(1))
+        units = sums[i, "experts" if ly.mlp.moe else "mlp"].sqrt()
+        shared = sums[i, "shared"].sqrt() if (i, "shared") in sums else None
+        out[i] = (units, heads, heads.view(a.kv_heads, -1).sum(1), shared)
     return out
 
 
-def scores(model: fx.GraphModule, by: str, batches: list[dict] | None) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
-    """Per layer: (per MLP unit, per query head, per kv group) scores by `by`."""
+def scores(model: fx.GraphModule, by: str, batches: list[dict] | None) -> dict[int, Scores]:
+    """Per layer: (per MLP unit ((E, F) in a mixture of experts), per query head, per kv group, per
+    shared-expert unit or None) scores by `by`."""
     if by == "weight":
         return {i: weight_scores(model, i) for i in range(spec_of(model).n_layers)}
     if by == "activation":
@@ -291,12 +336,18 @@ def _zero_slices(model: fx.GraphModule, i: int, f: int | None, h: int | None, dr
     p = f"layers.{i}"
     out = []
     if drop:
-        for name in ("attn.o.weight", "attn.o.bias", "mlp.down.weight", "mlp.down.bias"):
+        for name in ("attn.o.weight", "attn.o.bias", "mlp.down.weight", "mlp.down.bias", "mlp.experts.down.weight",
+                     "mlp.experts.down.bias", "mlp.shared.down.weight", "mlp.shared.down.bias"):
             t = _get(model, f"{p}.{name}")
             if t is not None:
                 out.append(t.data)
         return out
-    if f is not None:
+    m = spec.layers[i].mlp
+    if f is not None and m.moe:  # every expert keeps its first f units; the shared expert the same fraction
+        out.append(model.get_parameter(f"{p}.mlp.experts.down.weight").data[:, :, f:])  # (E, D, F)
+        if m.shared is not None:
+            out.append(model.get_parameter(f"{p}.mlp.shared.down.weight").data[:, shared_kept(m, f):])
+    elif f is not None:
         out.append(model.get_parameter(f"{p}.mlp.down.weight").data[:, f:])
     if h is not None:
         out.append(model.get_parameter(f"{p}.attn.o.weight").data[:, h * a.value_dim:])

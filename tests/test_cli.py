@@ -104,3 +104,71 @@ def test_usage_error_exits_nonzero_without_traceback():
     r = subprocess.run([sys.executable, "-m", "mptc", "compile", GPT2], capture_output=True, text=True)
     assert r.returncode == 1 and "the following arguments are required: -o/--output" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# --- `mptc run` says what each head's output is ---------------------------------------------------
+
+def _run_head(tmp_path, capsys, head: str) -> tuple[list[str], np.ndarray]:
+    """Run tiny-bert with another head on two rows (the first padded at its end): printed lines, output."""
+    bert_head = "head classify { classes = 3, pool = first, pooler = true }"
+    text = open("tests/specs/tiny-bert.mpt").read().replace(bert_head, f"head {head}")
+    assert f"head {head}" in text
+    spec, ids, mask, npy = (tmp_path / n for n in ("m.mpt", "ids.npy", "mask.npy", "out.npy"))
+    spec.write_text(text)
+    np.save(ids, np.array([[1, 2, 3, 0], [4, 5, 6, 7]]))
+    np.save(mask, np.array([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    capsys.readouterr()
+    assert main(["run", str(spec), "--ids-file", str(ids), "--mask-file", str(mask), "-o", str(npy)]) == 0
+    return capsys.readouterr().out.splitlines(), np.load(npy)
+
+
+def test_run_token_classification_prints_a_class_per_token(tmp_path, capsys):
+    lines, out = _run_head(tmp_path, capsys, "classify { classes = 3, pool = none }")
+    assert lines[0] == "tiny_bert (PyTorch): logits (2, 4, 3)" and out.shape == (2, 4, 3)
+    c = out.argmax(-1)
+    assert lines[1] == f"  row 0: class per token (argmax; - padding) {c[0, 0]} {c[0, 1]} {c[0, 2]} -"
+    assert lines[2] == "  row 1: class per token (argmax; - padding) " + " ".join(str(x) for x in c[1])
+    assert "next tokens" not in "\n".join(lines)
+
+
+def test_run_span_head_prints_the_best_span(tmp_path, capsys):
+    lines, out = _run_head(tmp_path, capsys, "span { }")
+    assert lines[0] == "tiny_bert (PyTorch): logits (2, 4, 2)"
+    for b, real in enumerate([3, 4]):  # brute force over start ≤ end among the real positions
+        s, e = out[b, :real, 0], out[b, :real, 1]
+        i, j = max(((i, j) for i in range(real) for j in range(i, real)), key=lambda p: s[p[0]] + e[p[1]])
+        assert lines[1 + b] == (f"  row {b}: best span positions {i}–{j} (start logit {s[i]:.3f} + end logit "
+                                f"{e[j]:.3f}; top start {s.argmax()}, top end {e.argmax()})")
+    assert "next tokens" not in "\n".join(lines)
+
+
+def test_run_head_none_prints_the_hidden_state_shape(tmp_path, capsys):
+    lines, out = _run_head(tmp_path, capsys, "none { }")
+    assert lines == ["tiny_bert (PyTorch): last_hidden_state (2, 4, 64)",
+                     "  hidden states: 2 rows × 4 positions × 64 (width); head none makes no predictions",
+                     f"wrote {tmp_path / 'out.npy'}"]
+
+
+def test_run_lm_predicts_after_each_rows_last_real_token(tmp_path, capsys):
+    np.save(tmp_path / "ids.npy", np.array([[1, 2, 3, 0], [4, 5, 6, 7]]))
+    np.save(tmp_path / "mask.npy", np.array([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    assert main(["run", GPT2, "--ids-file", str(tmp_path / "ids.npy"), "--mask-file", str(tmp_path / "mask.npy"),
+                 "--top", "2", "-o", str(tmp_path / "out.npy")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    out = np.load(tmp_path / "out.npy")
+    for b, p in enumerate([2, 3]):  # row 0 ends in padding: its next token follows position 2
+        top = np.argsort(-out[b, p])[:2]
+        assert lines[1 + b] == (f"  row {b}: top next tokens after position {p}: "
+                                f"{top[0]} ({out[b, p, top[0]]:.3f}), {top[1]} ({out[b, p, top[1]]:.3f})")
+
+
+def test_run_multimodal_lm_counts_the_image_positions(tmp_path, capsys):
+    np.save(tmp_path / "ids.npy", np.array([[1, 2, 3, 0], [4, 5, 6, 7]]))
+    np.save(tmp_path / "mask.npy", np.array([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    np.save(tmp_path / "px.npy", np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32))
+    assert main(["run", "examples/mpt-multimodal.mpt", "--ids-file", str(tmp_path / "ids.npy"), "--mask-file",
+                 str(tmp_path / "mask.npy"), "--pixels-file", str(tmp_path / "px.npy"), "--top", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "mpt_multimodal (PyTorch): logits (2, 20, 512)"  # 16 image patches, then 4 tokens
+    assert lines[1].startswith("  row 0: top next tokens after position 18: ")
+    assert lines[2].startswith("  row 1: top next tokens after position 19: ")

@@ -48,10 +48,11 @@ def test_deploy_refusals(tmp_path, capsys):
     assert err.startswith("error: --max-length 100 is beyond the context 64 of 'tiny_gpt2', whose learned positions "
                           "have no embedding past it")
     assert 'hint: use --max-length 64 or less, or grow the context first' in err
-    code, _, err = _deploy(capsys, NESTED, "-o", str(tmp_path / "b"))
+    code, _, err = _deploy(capsys, str(SPECS.parent.parent / "examples" / "mpt-token-types.mpt"), "-o",
+                           str(tmp_path / "b"))
     assert code == 1 and "Traceback" not in err
-    assert err.startswith("error: cannot deploy 'nested_lm' with a KV cache: nested sub-networks (extract one "
-                          "granularity first)")
+    assert err.startswith("error: cannot deploy 'mpt_token_types' with a KV cache: per-type modulation "
+                          "(layers.0.modulate, layers.1.modulate); token types (embed.types)")
     code, _, err = _deploy(capsys, BERT, "-o", str(tmp_path / "c"), "--weights", "int8")
     assert code == 1 and "error: --weights int8 applies to decoders; 'tiny_bert' is an encoder" in err
     assert not any(tmp_path.iterdir())  # nothing written

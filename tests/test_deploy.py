@@ -156,9 +156,10 @@ def test_optimum_loads_portable_dirs(llama_decoder, qwen2_decoder, gpt2_decoder,
     assert json.loads(run.stdout.strip().splitlines()[-1]) == want
 
 
-def _nbits(d: Path) -> list[int]:
+def _nbits(d: Path, attr: str = "bits") -> list[int]:
+    """The attribute `attr` of every MatMulNBits in d's graph."""
     model = onnx.load(str(d / "model.onnx"), load_external_data=False)
-    return [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
+    return [next(a.i for a in n.attribute if a.name == attr) for n in model.graph.node if n.op_type == "MatMulNBits"]
 
 
 def _rel_rms(x: np.ndarray, ref: np.ndarray) -> float:
@@ -166,11 +167,12 @@ def _rel_rms(x: np.ndarray, ref: np.ndarray) -> float:
 
 
 def test_quantized_dirs_generate(llama_decoder, deployed):
-    """int4 and int8 dirs hold MatMulNBits of their bits, load and generate under GenAI, and their first-step
-    logits stay near float. Round-to-nearest with one scale per block of 32 leaves each weight an error of about
-    step/√12, step = max|w|/8 (int4) or /128 (int8): on these Gaussian-weight models that is measured as a
-    relative RMS logit error of 0.16–0.24 (int4) and 0.012–0.017 (int8) for Llama, Qwen2 and GPT-2 — the ratio
-    ~14 of the two is the 16× finer int8 step. The bounds leave ~25% headroom over the worst measured."""
+    """int4 and int8 dirs hold MatMulNBits of their bits at accuracy level 4, load and generate under GenAI, and
+    their first-step logits stay near float. Round-to-nearest with one scale per block of 32 leaves each weight an
+    error of about step/√12, step = max|w|/8 (int4) or /128 (int8), and level 4 rounds the activations to int8
+    per block too: on these Gaussian-weight models that is measured as a relative RMS logit error of 0.16–0.26
+    (int4) and 0.015–0.026 (int8) for Llama, Qwen2, GPT-2 and Mistral (0.012–0.017 for int8 with float
+    activations, level 0). The bounds leave ~25% headroom over the worst measured."""
     dec, ids = llama_decoder, _row(llama_decoder).numpy()
     f = generate(deployed(dec, "genai"), ids, 16)
     err = {}
@@ -179,14 +181,15 @@ def test_quantized_dirs_generate(llama_decoder, deployed):
         found = _nbits(d)
         # per layer: packed q/k/v, o, gate, up, down (some packed by the emitter); and the lm head
         assert found and set(found) == {bits} and len(found) >= 4 * dec.spec.n_layers + 1
+        assert _nbits(d, "accuracy_level") == [4] * len(found)
         assert "lm head quantized" in json.loads((d / "deploy.json").read_text())["quantized"]
         assert (d / "model.onnx.data").stat().st_size < (deployed(dec, "genai") / "model.onnx.data").stat().st_size
         q = generate(d, ids, 16)
         assert len(q.new_ids[0]) == 16
         assert q.first_logits.argmax() == f.first_logits.argmax()
         err[weights] = _rel_rms(q.first_logits, f.first_logits)
-    assert err["int4"] < 0.3 and err["int8"] < 0.025, err
-    assert err["int4"] > 8 * err["int8"], err  # the bits are what quantize: 16× finer steps, ~14× smaller error
+    assert err["int4"] < 0.33 and err["int8"] < 0.033, err
+    assert err["int4"] > 6 * err["int8"], err  # the bits are what quantize: 16× finer weight steps, ~10× less error
 
 
 def test_float16_dir_generates(llama_decoder, tmp_path):
@@ -216,9 +219,9 @@ def test_head_size_the_kernel_rejects_falls_back(tmp_path):
 
 def test_refuses_what_no_profile_covers(tmp_path):
     with pytest.raises(MptcError) as e:
-        deploy(SPECS / "nested-lm.mpt", tmp_path / "d")
-    assert ("cannot deploy 'nested_lm' with a KV cache: nested sub-networks (extract one granularity first)"
-            in str(e.value))
+        deploy(ROOT / "examples" / "mpt-token-types.mpt", tmp_path / "d")
+    assert ("cannot deploy 'mpt_token_types' with a KV cache: per-type modulation (layers.0.modulate, "
+            "layers.1.modulate); token types (embed.types)" in str(e.value))
     assert "mptc compile SRC -o OUT.onnx" in e.value.hint
     assert not (tmp_path / "d").exists()
 
@@ -254,12 +257,12 @@ def test_failed_deploy_leaves_the_earlier_dir(monkeypatch, tmp_path):
     out = tmp_path / "d"
     deploy(SPECS / "tiny-gpt2.mpt", out, runtime="portable")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    import mptc.deploy
+    import mptc.quantize
 
-    def broken(model, weights):
+    def broken(w, bits, block=32):
         raise MptcError("quantizer broke")
 
-    monkeypatch.setattr(mptc.deploy, "quantize", broken)
+    monkeypatch.setattr(mptc.quantize, "quantize_weight", broken)  # fails while the weights are written
     with pytest.raises(MptcError, match="quantizer broke"):
         deploy(SPECS / "tiny-gpt2.mpt", out, runtime="portable", weights="int4")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

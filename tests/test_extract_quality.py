@@ -3,6 +3,7 @@ widths, and reports that replay as pass text."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -133,6 +134,71 @@ def test_extract_kv_groups_mix_fractions_and_dropped_layers_of_a_plain_model():
         P.Pipeline([P.extract(mlp="0.001")])(model)
     with pytest.raises(mptc.MptcError, match=r"MLP fraction '1\.5' must be a number in \(0, 1\]"):
         P.Pipeline([P.extract(mlp="1.5")])(model)
+
+
+MOE = """
+model moe {
+  vocab = 96
+  context = 32
+  width = 32
+  embed { positions = rope(theta = 10000.0) }
+  layers 2 {
+    norm = rmsnorm(eps = 1e-6)
+    attention { heads = 4, kv_heads = 2, bias = false }
+    mlp { hidden = 24, activation = swiglu, bias = false, experts = 4, top_k = 2, shared = 16, shared_gate = true }
+  }
+  head lm { norm = rmsnorm(eps = 1e-6) }
+}
+"""
+
+
+def _expert_norms(model, i: int) -> torch.Tensor:
+    """(E, F): each expert unit's group L2 norm (its up and gate rows and its down column), written out."""
+    w = {k: model.get_parameter(f"layers.{i}.mlp.experts.{k}.weight").detach().double() for k in ("up", "gate",
+                                                                                                    "down")}
+    return ((w["up"] ** 2).sum(2) + (w["gate"] ** 2).sum(2) + (w["down"] ** 2).sum(1)).sqrt()
+
+
+@pytest.mark.parametrize("by", ["weight", "activation", "taylor"])
+def test_reorder_and_extract_cut_every_expert_of_a_mixture(by):
+    """Each expert of a mixture is ranked on its own (its own permutation), and `mlp = 0.5` keeps every
+    expert's first half and the shared expert's first half: the result equals the ranked parent with the cut
+    units' down-projection columns zeroed (written out here, not through the pass's own reference)."""
+    model = mptc.build(mptc.parse(MOE), seed=0).eval()
+    cal = [mptc.example_inputs(mptc.spec_of(model), batch=4, seq=16, seed=s) for s in range(2)]
+    ranked, rep = P.Pipeline([P.reorder(by=by, what="mlp", calibration=cal)])(model)
+    assert rep.passes[0].max_abs_error_float64 <= 1e-9
+    if by == "weight":
+        for i in range(2):
+            norms = _expert_norms(ranked, i)  # (E, F): descending within each expert
+            assert bool((norms[:, :-1] >= norms[:, 1:] - 1e-12).all())
+            perms = [torch.argsort(n, descending=True) for n in _expert_norms(model, i)]
+            assert any(not torch.equal(perms[0], p) for p in perms[1:])  # the experts' orders differ
+    sub, rep = P.Pipeline([P.extract(mlp="0.5")])(ranked)
+    m = mptc.spec_of(sub).layers[0].mlp
+    assert (m.hidden, m.shared, m.experts) == (12, 8, 4)
+    assert mptc.summarize(mptc.spec_of(sub)).params == sum(p.numel() for p in sub.parameters())
+    want = copy.deepcopy(ranked).double()
+    with torch.no_grad():
+        for i in range(2):
+            want.get_parameter(f"layers.{i}.mlp.experts.down.weight")[:, :, 12:] = 0
+            want.get_parameter(f"layers.{i}.mlp.shared.down.weight")[:, 8:] = 0
+    x = mptc.example_inputs(mptc.spec_of(model), batch=2, seq=9, seed=3)
+    with torch.no_grad():
+        got, ref, whole = copy.deepcopy(sub).double()(**x), want(**x), ranked.double()(**x)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-9)
+    assert (whole - ref).abs().max() > 1e-3  # the cut units mattered
+
+
+def test_extract_of_a_mixture_refuses_the_dense_refit_and_the_per_layer_search():
+    model = mptc.build(mptc.parse(MOE), seed=0).eval()
+    with pytest.raises(mptc.MptcError, match="layer 0's MLP is a mixture of experts; correct = lsq refits a dense "
+                                             "MLP's down projection"):
+        P.Pipeline([P.extract(mlp="0.5", correct="lsq", calibration=_batches())])(model)
+    with pytest.raises(mptc.MptcError, match="layer 0's MLP is a mixture of experts: the per-layer search sizes "
+                                             "dense MLPs") as e:
+        plain_search(model, Budget("params", 1000), [mptc.example_inputs(mptc.spec_of(model), batch=2, seq=8)])
+    assert "mptc extract --mlp F" in e.value.hint
 
 
 def test_drop_least_leaves_out_the_layer_whose_removal_costs_least():
@@ -269,6 +335,30 @@ def test_plain_search_fits_the_budget_and_cuts_where_it_costs_least(tmp_path, ca
     assert r.mix == "24/96,1,1"
     sub, rep = P.Pipeline([P.extract(mix=r.mix)])(model)
     assert mptc.summarize(mptc.spec_of(sub)).params == r.params and rep.passes[0].max_abs_error_float64 <= 1e-9
+
+
+def test_plain_search_with_the_refit_chooses_widths_for_the_corrected_model():
+    """Layer 1's last 48 MLP units copy its first 48 (same up and gate rows), so a refit folds their down
+    columns into the kept ones and cutting them costs ~nothing; silenced without a refit they cost. The
+    search with the refit cuts there; without it, its loss rises far more. The weights are left as they were."""
+    model = _sharp(_model())
+    with torch.no_grad():
+        for k in ("up", "gate"):
+            w = model.get_parameter(f"layers.1.mlp.{k}.weight")
+            w[48:] = w[:48]
+        for i in (0, 2):
+            model.get_parameter(f"layers.{i}.mlp.down.weight").mul_(10.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cal = _batches(1, like=model)
+    base = mean_loss(model, cal)
+    budget = Budget("params", mptc.summarize(mptc.spec_of(model)).params - 3 * 64 * 48)
+    fitted = plain_search(model, budget, cal, step=1 / 8, refit_ridge=1e-6)
+    plain = plain_search(model, budget, cal, step=1 / 8)
+    assert fitted.units == (96, 48, 96) and fitted.params <= budget.limit, fitted
+    assert fitted.loss - base < 1e-3 < plain.loss - base, (base, fitted.loss, plain.loss)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    sub, _ = P.Pipeline([P.extract(mix=fitted.mix, correct="lsq", ridge=1e-6, calibration=cal, held_out=cal)])(model)
+    assert mean_loss(sub, cal) == pytest.approx(fitted.loss, abs=1e-4)
 
 
 # --- reports replay as pass text, calibration recorded and never printed ----------------------

@@ -186,6 +186,19 @@ def test_decoder_refusals(text, family, words, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_per_layer_widths_refusal_points_at_deploy(tmp_path):
+    """An extracted model with per-layer MLP widths: the refusal names the field and every layer that differs,
+    and its hint points at `mptc deploy` and `mptc compile`, which hold per-layer shapes."""
+    model = mptc.build(mptc.parse(_decoder(n=4)), seed=0)
+    mixed, _ = P.Pipeline([P.extract(mix="1/2,1,1/4,1")])(model)
+    with pytest.raises(mptc.MptcError) as e:
+        to_hf(mixed, tmp_path / "out", family="llama")
+    assert "Llama's config has one `intermediate_size`; layer 1 has 24, layer 0 has 12 (also layer 2: 6, " \
+           "layer 3: 24)" in str(e.value)
+    assert "`mptc deploy DIR -o OUT`" in e.value.hint and "`mptc compile DIR -o X.onnx`" in e.value.hint
+    assert not (tmp_path / "out").exists()
+
+
 def test_families_without_export_refused(tmp_path):
     """OLMo 2, GPT-NeoX and DeiT import only: no export family holds their norms, residual or tokens."""
     for name, words in (("olmo2", "output norms"), ("gpt-neox", "parallel residual"), ("deit-classify", "")):

@@ -9,6 +9,7 @@ runs in ONNX Runtime; checkpoints with a tensor too many or too few are refused 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -320,16 +321,25 @@ def test_roberta_positions_start_after_the_pad_id(tmp_path):
     assert torch.equal(model.state_dict()["embed.positions.weight"], table[2:])
 
 
-def test_roberta_left_padding_differs(tmp_path):
-    """The documented limit: transformers numbers positions from the ids, mptc from 0, so only right padding (or
-    none) gives the same outputs at real positions."""
-    cls, config, _ = FAMILIES["roberta-mlm"]
+@pytest.mark.parametrize("name", ["roberta-mlm", "xlm-roberta-untied"])
+def test_roberta_left_padding_matches(name):
+    """transformers numbers RoBERTa positions over the real tokens; the import's `learned(skip_padding = true)` does
+    the same, so left padding (rows padded differently in one batch) gives transformers' outputs at real tokens."""
+    cls, config, _ = FAMILIES[name]
     hf = _hf(cls, config)
-    ids = torch.tensor([[1, 1, 5, 6, 7, 8]])  # two pad ids on the left
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    model = from_hf(hf)
+    assert mptc.spec_of(model).embed.positions.skip_padding
+    ids = torch.tensor([[1, 1, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [1, 1, 1, 1, 15, 16]])  # pad id 1 on the left
+    mask = (ids != 1).long()
     with torch.no_grad():
-        diff = (from_hf(hf)(input_ids=ids, attention_mask=mask) - hf(input_ids=ids, attention_mask=mask).logits)
-    assert diff[0, 2:].abs().max() > 1e-3
+        ours, theirs = model(input_ids=ids, attention_mask=mask), hf(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (ours - theirs)[real].abs().max() < 1e-4
+    spec = mptc.spec_of(model)  # the same weights numbering every position differ: the check is not vacuous
+    spec = dataclasses.replace(spec, embed=dataclasses.replace(spec.embed, positions=mptc.spec.Positions("learned")))
+    with torch.no_grad():
+        plain = mptc.build(spec, weights=dict(model.state_dict()))(input_ids=ids, attention_mask=mask)
+    assert (plain - theirs)[0, 2:].abs().max() > 1e-3
 
 
 # --- refusals ----------------------------------------------------------------------------------------------

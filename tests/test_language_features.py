@@ -778,3 +778,60 @@ def test_the_torch_free_matrices_are_the_lowered_ones(name):
     spec = parse(FEATURES[name][0])
     lowered = {k: v.axes for k, v in lower(spec, "meta").params.items() if len(v.axes) >= 2}
     assert dict(dims.matrices(spec)) == lowered
+
+
+# --- learned positions that skip padding (RoBERTa) --------------------------------------------------------------
+
+SKIP = text(positions="learned(skip_padding = true)", attn=", mask = bidirectional").replace(
+    "  width = 32\n", "  width = 32\n  context = 12\n")
+
+
+def test_skip_padding_parses_prints_and_is_located():
+    spec = parse(SKIP)
+    assert spec.embed.positions == S.Positions("learned", skip_padding=True)
+    assert "positions = learned(skip_padding = true)" in S.format_spec(spec)
+    assert parse(S.format_spec(spec)) == spec
+    bad = SKIP.replace("learned(skip_padding = true)", "learned(skip = true)")
+    with pytest.raises(SpecError) as e:
+        parse(bad)
+    assert e.value.message == "unknown argument 'skip' for learned()"
+    assert (e.value.line, e.value.col) == (5, bad.splitlines()[4].index("true") + 1)  # at the argument
+
+
+def test_skip_padding_numbers_real_tokens_from_the_mask(tmp_path):
+    """Left padding leaves the real tokens' outputs as without padding; the plain table would shift them. The traced
+    ONNX export counts the same way."""
+    from mptc.export import run_onnx
+
+    spec = parse(SKIP)
+    model = perturbed(spec)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask)
+        alone = model(input_ids=ids[:1, 2:], attention_mask=mask[:1, 2:])
+        plain = mptc.build(replace(spec, embed=replace(spec.embed, positions=S.Positions("learned"))),
+                           weights=dict(model.state_dict()))(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(padded[0, 2:], alone[0], rtol=1e-5, atol=1e-5)
+    assert (plain[0, 2:] - alone[0]).abs().max() > 1e-3
+    mptc.export_onnx(model, tmp_path / "m.onnx")
+    got = run_onnx(tmp_path / "m.onnx", {"input_ids": ids, "attention_mask": mask})
+    np.testing.assert_allclose(got, padded.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_skip_padding_in_the_direct_emitter():
+    """The direct ONNX emitter counts positions over the mask too (left padding, ONNX Runtime against PyTorch)."""
+    import onnxruntime as ort
+
+    from mptc import emit
+
+    spec = parse(SKIP)
+    assert emit.unsupported(spec, cache=False) == []
+    model = perturbed(spec)
+    ids = np.array([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    sess = ort.InferenceSession(emit.emit(model).to_proto().SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -14,7 +14,6 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import onnx_ir as ir
-from torch import fx
 
 from .. import spec as S
 from ..errors import MptcError
@@ -24,6 +23,8 @@ from . import attention as portable
 from . import genai
 from .blocks import Ctx, add_norm, embed, head, mlp, norm
 from .graph import IR_DTYPES, Graph, save_inline
+from .nested import active
+from .weights import Weights, from_module
 
 __all__ = ["Emitted", "LayerCache", "PROFILES", "emit", "unsupported"]
 
@@ -31,16 +32,17 @@ PROFILES = ("portable", "genai")
 
 # The fields the emitter covers, per spec dataclass; any other field off its default is refused by name.
 COVERED: dict[type, set[str]] = {
-    S.Spec: {"name", "width", "layers", "head", "vocab", "context", "embed", "init", "spans"},
+    S.Spec: {"name", "width", "layers", "head", "vocab", "context", "embed", "init", "spans", "tasks"},
     S.Embed: {"input", "positions", "dropout", "norm", "segments", "scale"},
     S.Patches: {"image", "patch", "channels", "cls"},
-    S.Positions: {"kind", "theta", "scaling"},
-    S.RopeScaling: {"kind", "factor", "original", "low", "high", "beta_fast", "beta_slow", "attention", "truncate"},
+    S.Positions: {"kind", "theta", "scaling", "skip_padding"},
+    S.RopeScaling: {"kind", "factor", "original", "low", "high", "beta_fast", "beta_slow", "attention", "truncate",
+                    "short", "long"},
     S.Norm: {"kind", "eps", "bias"},
-    S.Layer: {"attention", "mlp", "norm", "placement", "dropout", "parallel", "shared_norm"},
+    S.Layer: {"attention", "mlp", "norm", "placement", "dropout", "parallel", "shared_norm", "skippable"},
     S.Attention: {"heads", "kv_heads", "head_dim", "value_dim", "mask", "bias", "out_bias", "dropout", "rotary_dim",
-                  "window", "qk_norm", "scale", "softcap", "qk_norm_over", "rope"},
-    S.MLP: {"hidden", "activation", "bias"},
+                  "window", "qk_norm", "scale", "softcap", "qk_norm_over", "rope", "nested"},
+    S.MLP: {"hidden", "activation", "bias", "experts", "top_k", "normalize", "shared", "shared_gate", "nested"},
     S.Head: {"kind", "norm", "tied", "bias", "classes", "pool", "pooler", "transform", "softcap"},
     S.Transform: {"activation", "norm"},
     S.Init: {"std"},
@@ -52,14 +54,15 @@ FEATURES = frozenset({
     S.Feature.EMBEDDING_SCALE, S.Feature.ATTENTION_SCALE, S.Feature.LOGIT_SOFTCAP, S.Feature.GEGLU_TANH,
     S.Feature.ROPE_SCALING, S.Feature.LAST_TOKEN_POOLING, S.Feature.SANDWICH_NORMS, S.Feature.OUTPUT_NORMS,
     S.Feature.PARALLEL_RESIDUAL, S.Feature.ATTENTION_SOFTCAP, S.Feature.QK_NORM_ALL, S.Feature.LAYER_ROPE,
-    S.Feature.PATCHES,
+    S.Feature.PATCHES, S.Feature.MOE_MLP, S.Feature.TOKEN_CLASSIFICATION, S.Feature.SPAN_HEAD, S.Feature.NESTED,
+    S.Feature.TASKS,
 })
 FIXED_SCALING = ("linear", "llama3", "yarn")  # rope scalings with fixed frequencies (tables made once)
+SCALINGS = FIXED_SCALING + ("dynamic", "longrope")  # and those whose frequencies follow the length (in the graph)
 LABELS = {  # what a refused field is, in words
     "types": "token types", "experts": "mixture-of-experts embeddings", "condition": "FiLM from the side input",
     "adaptive": "FiLM modulation", "hyper": "hypernetwork deltas", "modulate": "per-type modulation",
-    "skippable": "skippable layers", "nested": "nested sub-networks (extract one granularity first)",
-    "tasks": "tasks (compile one with --task)", "conditions": "the side input", "segments": "token-type ids",
+    "conditions": "the side input", "segments": "token-type ids",
 }
 
 
@@ -136,9 +139,8 @@ def unsupported(spec: S.Spec, *, cache: bool, profile: str = "portable") -> list
     ropes = {"embed.positions": spec.embed.positions} | {f"layers.{i}.attention.rope": ly.attention.rope
                                                           for i, ly in enumerate(spec.layers) if ly.attention.rope}
     for where, pos in ropes.items():
-        if pos.kind == "rope" and pos.scaling is not None and pos.scaling.kind not in FIXED_SCALING:
-            found.setdefault(f"rope scaling {pos.scaling.kind} (its frequencies follow the length)", []).append(
-                f"{where}.scaling")
+        if pos.kind == "rope" and pos.scaling is not None and pos.scaling.kind not in SCALINGS:
+            found.setdefault(f"rope scaling {pos.scaling.kind}", []).append(f"{where}.scaling")
     if spec.embed.positions.kind == "sinusoidal" and spec.seq_len is None:
         found.setdefault("sinusoidal positions without a context", []).append("context")
     if profile not in PROFILES:
@@ -175,13 +177,20 @@ def _features(spec: S.Spec, found: dict[str, list[str]]) -> None:
 
 
 # --- emission ---
-def emit(model: fx.GraphModule, *, cache: bool = False, profile: str = "portable", dtype: str = "float32",
-         opset: int | None = None, max_length: int | None = None) -> Emitted:
+def emit(model, *, weights: Weights | None = None, cache: bool = False, profile: str = "portable",
+         dtype: str = "float32", opset: int | None = None, max_length: int | None = None) -> Emitted:
     """The ONNX graph of a model, written from its spec and weights (docs/onnx.md).
 
+    model: a GraphModule (its spec and parameters), or a Spec with `weights` (name → `Weight`, read when
+    the model is written: `mptc.emit.weights.from_safetensors`; checked with `weights.check`).
     max_length: rows of the rotary tables (the longest sequence the file serves); the context by default.
     """
-    spec = spec_of(model)
+    if isinstance(model, S.Spec):
+        if weights is None:
+            raise MptcError(f"emit('{model.name}') needs its weights", hint="pass weights=from_safetensors(DIR)")
+        spec = model
+    else:
+        spec, weights = spec_of(model), from_module(model) if weights is None else weights
     opset = ONNX_OPSET if opset is None else opset
     if dtype not in IR_DTYPES:
         raise MptcError(f"cannot emit ONNX in {dtype}", hint=f"use one of {', '.join(IR_DTYPES)}")
@@ -195,13 +204,15 @@ def emit(model: fx.GraphModule, *, cache: bool = False, profile: str = "portable
     if profile == "genai" and spec.embed.positions.kind == "rope" and max_length is None:
         raise MptcError(f"model '{spec.name}' has no context: the genai profile needs max_length for its rotary "
                         "caches", hint="pass max_length=N (the longest sequence it will serve)")
-    c = Ctx(Graph(opset, dtype), spec, dict(model.named_parameters()), profile, cache, max_length)
+    spec, weights, skip = active(model, spec, weights)  # a nested model: the sub-network it runs now
+    c = Ctx(Graph(opset, dtype), spec, weights, profile, cache, max_length)
     out = Emitted(model=None)  # the model is set once the graph is complete
     ins = _inputs(c, out)
     x = embed(c, ins)  # (B, S, D)
-    x, pasts = _layers(c, x, ins, out)
+    x, pasts = _layers(c, x, ins, out, skip)
     _outputs(c, head(c, x, ins.get("attention_mask")), pasts)
     out.model = c.g.model(spec.name)
+    out.notes += c.shared.get("notes", [])  # what the blocks chose (a dense mixture of experts)
     return out
 
 
@@ -251,11 +262,13 @@ def _form(c: Ctx, i: int, a: S.Attention, out: Emitted) -> str:
     return "portable"
 
 
-def _layers(c: Ctx, x, ins, out: Emitted):
+def _layers(c: Ctx, x, ins, out: Emitted, skip: frozenset[int] = frozenset()):
     """The blocks: residual sums and norms (fused with the sums where the profile fuses them).
 
     pre: x + f(n(x)); post: n(x + f(x)); sandwich: x + n'(f(n(x))); output: x + n'(f(x));
-    parallel: x + attn(n1(x)) + mlp(n2(x)). `pending` is a branch output not yet added to x."""
+    parallel: x + attn(n1(x)) + mlp(n2(x)). `pending` is a branch output not yet added to x. A layer in
+    `skip` (a nested model's skipped layer) has silent branches: x passes (post: n(n(x))), and with a cache
+    its keys and values are still written, as in PyTorch."""
     pasts, pending = [], None
 
     def normed(name: str, n: S.Norm):
@@ -273,6 +286,21 @@ def _layers(c: Ctx, x, ins, out: Emitted):
             pending = None
 
     for i, ly in enumerate(c.spec.layers):
+        if i in skip:
+            post = ly.placement == "post" and not ly.parallel
+            if post:
+                settle()
+            if c.cache:
+                if ly.parallel or ly.placement in ("pre", "sandwich"):
+                    h = normed(f"layers.{i}.attn_norm", ly.norm)
+                else:
+                    settle()
+                    h = x
+                pasts.append(_attention(c, i, ly.attention, h, ins, out)[1])
+            if post:
+                x = norm(c, norm(c, x, ly.norm, f"layers.{i}.attn_norm"), ly.norm, f"layers.{i}.mlp_norm")
+            continue
+
         def branch(kind: str, h, i=i, ly=ly):
             if kind == "attn":
                 y, present = _attention(c, i, ly.attention, h, ins, out)
@@ -316,10 +344,12 @@ def _attention(c: Ctx, i: int, a: S.Attention, h, ins, out: Emitted):
 def _outputs(c: Ctx, result, pasts) -> None:
     g, spec = c.g, c.spec
     b, s = ("batch_size", "sequence_length") if c.cache else ("batch", "sequence")
-    if spec.head.kind == "classify":
+    seq = s if spec.reads_tokens else spec.seq_len
+    if spec.head.kind == "span" or spec.head.kind == "classify" and spec.head.pool == "none":  # per position
+        shape = [b, seq, spec.head.classes]
+    elif spec.head.kind == "classify":
         shape = [b, spec.head.classes]
     else:
-        seq = s if spec.reads_tokens else spec.seq_len
         shape = [b, seq, spec.vocab if spec.head.kind == "lm" else spec.width]
     g.output(result, spec.output, g.float, shape)
     if c.cache:

@@ -63,6 +63,55 @@ def mask(c: Ctx, ins: dict[str, ir.Value], a: S.Attention) -> ir.Value | None:
     return c.shared[key]
 
 
+LENGTH_ROPE = ("dynamic", "longrope")  # rope scalings whose frequencies follow the total length T
+
+
+def total_length(c: Ctx, ins: dict[str, ir.Value]) -> ir.Value:
+    """T as a float32 scalar: the attention mask's length (past and new), else S."""
+    if "total.f" not in c.shared:
+        t = positions(c, ins)[1]  # (T,)
+        c.shared["total.f"] = c.g.op("Cast", _scalar(c, c.g.op("Shape", t)), to=ir.DataType.FLOAT)
+    return c.shared["total.f"]
+
+
+def longrope_inv_freq(dim: int, theta: float, factors: tuple[float, ...]) -> np.ndarray:
+    """LongRoPE's inverse frequencies (dim/2,) float32: 1 / (factor_j · theta^(2j/dim)) (`ops.longrope_inv_freq`)."""
+    exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)  # (dim/2,)
+    return (np.float32(1.0) / (np.asarray(factors, dtype=np.float32) * np.float32(theta) ** exps)).astype(np.float32)
+
+
+def length_inv_freq(c: Ctx, total: ir.Value, rotary: int, rope: S.Positions) -> tuple[ir.Value, float]:
+    """The inverse frequencies (R/2,) float32 at total length T (a float32 scalar), and the factor on cos/sin.
+
+    dynamic (NTK): base theta · (factor · L / original − (factor − 1))^(R/(R−2)) with L = max(T, original),
+    as `ops.dynamic_rope_tables`; longrope: the long factors once T > original, else the short ones, times
+    `attention` (`ops.longrope_tables`). Past the original context a cached key keeps the rotation of the step
+    that wrote it, as in transformers' cached decoding."""
+    g, sc, f32 = c.g, rope.scaling, np.float32
+
+    def k(v) -> ir.Value:
+        return g.const(np.asarray(v, dtype=f32), dtype=f32)
+
+    if sc.kind == "longrope":
+        short, long = (k(longrope_inv_freq(rotary, rope.theta, f)) for f in (sc.short, sc.long))
+        return g.op("Where", g.op("Greater", total, k(sc.original)), long, short), sc.attention
+    length = g.op("Max", total, k(sc.original))
+    ratio = g.op("Sub", g.op("Div", g.op("Mul", k(sc.factor), length), k(sc.original)), k(sc.factor - 1))
+    base = g.op("Mul", k(rope.theta), g.op("Pow", ratio, k(rotary / (rotary - 2))))  # ()
+    exps = np.arange(0, rotary, 2, dtype=np.int64).astype(f32) / f32(rotary)  # (R/2,)
+    return g.op("Div", k(1.0), g.op("Pow", base, k(exps))), 1.0
+
+
+def angles_cos_sin(c: Ctx, pos: ir.Value, inv: ir.Value, attention: float) -> tuple[ir.Value, ir.Value]:
+    """cos and sin (…, R) in the graph's dtype of positions pos (…) int64 at inverse frequencies inv (R/2,)."""
+    g = c.g
+    inv = g.op("Concat", inv, inv, axis=0)  # (R,)
+    ang = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=ir.DataType.FLOAT), g.ints(-1)), inv)  # (…, R)
+    scale = g.const(np.array(attention, dtype=np.float32), dtype=np.float32)
+    out = (g.op(f, ang) for f in ("Cos", "Sin"))
+    return tuple(g.op("Cast", g.op("Mul", t, scale) if attention != 1.0 else t, to=g.float) for t in out)
+
+
 def rope_cos_sin(c: Ctx, ins: dict[str, ir.Value], rotary: int, rope: S.Positions) -> tuple[ir.Value, ir.Value]:
     """cos and sin for the new positions: (S, R) without a cache, (B, 1, S, R) from position_ids with one."""
     key = ("rope", rotary, rope)
@@ -70,7 +119,12 @@ def rope_cos_sin(c: Ctx, ins: dict[str, ir.Value], rotary: int, rope: S.Position
         return c.shared[key]
     g = c.g
     rows = c.max_length or c.spec.context
-    if rows is not None:
+    if rope.scaling is not None and rope.scaling.kind in LENGTH_ROPE:  # frequencies at the total length T
+        inv, attention = length_inv_freq(c, total_length(c, ins), rotary, rope)
+        pos = ins.get("position_ids")
+        cos, sin = angles_cos_sin(c, positions(c, ins)[0] if pos is None else pos, inv, attention)
+        out = (cos, sin) if pos is None else tuple(g.op("Unsqueeze", t, g.ints(1)) for t in (cos, sin))
+    elif rows is not None:
         cos, sin = (g.table(f"rope.{n}.{rotary}", t) for n, t in zip(("cos", "sin"), rope_table(rope, rotary, rows),
                                                                         strict=True))
         if "position_ids" in ins:  # (B, S) → (B, 1, S, R)

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-import torch
 
-from .. import ops
 from .. import spec as S
+from . import tables
 from .graph import MS, Graph
+from .weights import Weights
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Ctx:
 
     g: Graph
     spec: S.Spec
-    weights: dict[str, torch.Tensor]
+    weights: Weights  # name → Weight, read when the model is written
     profile: str = "portable"  # portable | genai
     cache: bool = False
     max_length: int | None = None
@@ -106,14 +106,108 @@ def act(c: Ctx, x: ir.Value, kind: str) -> ir.Value:
 
 
 def mlp(c: Ctx, i: int, m: S.MLP, h: ir.Value) -> ir.Value:
-    """(B, S, D) → (B, S, D): up (and gate), activation, down."""
+    """(B, S, D) → (B, S, D): a dense MLP, or a mixture of experts (with its shared expert)."""
     pre = f"layers.{i}.mlp"
+    if not m.moe:
+        return dense_mlp(c, pre, m, h)
+    if moe_op_fits(c, m):
+        y = moe_op(c, pre, m, h)  # (B, S, D)
+    else:
+        if c.profile == "genai":
+            why = f"activation {m.activation}" if m.activation not in MOE_ACTIVATIONS else f"dtype {c.g.dtype}"
+            c.shared.setdefault("notes", []).append(
+                f"layer {i}: dense mixture of experts ({why}: com.microsoft.MoE's CPU kernel does not compute it)")
+        y = moe_dense(c, pre, m, h)  # (B, S, D)
+    if m.shared is None:
+        return y
+    s = dense_mlp(c, f"{pre}.shared", m, h)  # (B, S, D)
+    if m.shared_gate:  # × sigmoid(w · h) (B, S, 1)
+        s = c.g.op("Mul", s, c.g.op("Sigmoid", c.g.op("MatMul", h, c.w(f"{pre}.shared_gate.weight", transpose=True))))
+    return c.g.op("Add", y, s)
+
+
+def dense_mlp(c: Ctx, pre: str, m: S.MLP, h: ir.Value) -> ir.Value:
+    """(B, S, D) → (B, S, D): up (and gate), activation, down."""
     up = linear(c, h, f"{pre}.up")  # (B, S, F)
     if m.gated:
         z = c.g.op("Mul", act(c, linear(c, h, f"{pre}.gate"), S.GATED[m.activation]), up)
     else:
         z = act(c, up, m.activation)
     return linear(c, z, f"{pre}.down")
+
+
+# --- mixture of experts ---
+MOE_ACTIVATIONS = {"relu": "relu", "silu": "silu", "gelu_tanh": "gelu", "swiglu": "swiglu"}  # com.microsoft.MoE's
+
+
+def moe_op_fits(c: Ctx, m: S.MLP) -> bool:
+    """Whether the layer runs as ONNX Runtime's `com.microsoft.MoE` (the genai profile, float32, an activation
+    its CPU kernel computes as mptc does: its gelu is the tanh form, its SwiGLU silu(gate) · up)."""
+    return c.profile == "genai" and c.g.dtype == "float32" and m.activation in MOE_ACTIVATIONS
+
+
+def moe_gates(c: Ctx, pre: str, m: S.MLP, h: ir.Value) -> ir.Value:
+    """Dense gates (B, S, E): softmax of the router logits, the top k kept (renormalised if `normalize`), zero
+    elsewhere (as mptc.ops.moe_gates; TopK breaks ties by the lower index)."""
+    g = c.g
+    probs = g.op("Softmax", g.op("MatMul", h, c.w(f"{pre}.router.weight", transpose=True)), axis=-1)  # (B, S, E)
+    top, idx = g.ops("TopK", probs, g.ints(m.top_k), n=2, axis=-1, largest=1, sorted=1)  # (B, S, k)
+    if m.normalize:
+        top = g.op("Div", top, g.op("ReduceSum", top, g.ints(-1), keepdims=1))
+    return g.op("ScatterElements", g.op("Mul", probs, g.const(0.0)), idx, top, axis=-1)
+
+
+def _experts_in(c: Ctx, name: str, e: int, f: int) -> ir.Value:
+    """Stacked input projections (E, F, D) as one MatMul weight (D, E·F) (ONNX Runtime folds the reshape)."""
+    g = c.g
+    return g.op("Transpose", g.op("Reshape", c.w(name), g.ints(e * f, -1)), perm=[1, 0])
+
+
+def moe_dense(c: Ctx, pre: str, m: S.MLP, h: ir.Value) -> ir.Value:
+    """Every expert on every token, weighted by the dense gates: (B, S, D) → (B, S, D), as mptc's PyTorch
+    graph computes it (one MatMul over all experts' hidden units per projection)."""
+    g, e, f = c.g, m.experts, m.hidden
+    gates = moe_gates(c, pre, m, h)  # (B, S, E)
+
+    def proj(name: str) -> ir.Value:  # (B, S, E·F)
+        y = g.op("MatMul", h, _experts_in(c, f"{pre}.experts.{name}.weight", e, f))
+        bias = f"{pre}.experts.{name}.bias"
+        return g.op("Add", y, g.op("Reshape", c.w(bias), g.ints(-1))) if c.has(bias) else y
+
+    up = proj("up")
+    z = g.op("Mul", act(c, proj("gate"), S.GATED[m.activation]), up) if m.gated else act(c, up, m.activation)
+    gz = g.op("Mul", g.op("Reshape", z, g.ints(0, 0, e, f)), g.op("Unsqueeze", gates, g.ints(-1)))  # (B, S, E, F)
+    down = g.op("Reshape", g.op("Transpose", c.w(f"{pre}.experts.down.weight"), perm=[0, 2, 1]), g.ints(e * f, -1))
+    y = g.op("MatMul", g.op("Reshape", gz, g.ints(0, 0, e * f)), down)  # (B, S, D)
+    bias = f"{pre}.experts.down.bias"
+    return g.op("Add", y, g.op("MatMul", gates, c.w(bias))) if c.has(bias) else y
+
+
+def _interleave(c: Ctx, a: ir.Value, b: ir.Value, axis: int, shape: tuple[int, ...]) -> ir.Value:
+    """Rows of a and b alternated along `axis` (a first), as the fused SwiGLU weight of MoE reads them."""
+    g = c.g
+    return g.op("Reshape", g.op("Concat", g.op("Unsqueeze", a, g.ints(axis + 1)),
+                                g.op("Unsqueeze", b, g.ints(axis + 1)), axis=axis + 1), g.ints(*shape))
+
+
+def moe_op(c: Ctx, pre: str, m: S.MLP, h: ir.Value) -> ir.Value:
+    """ONNX Runtime's `com.microsoft.MoE` (routing, top-k and the chosen experts only): (B, S, D) → (B, S, D).
+    SwiGLU takes gate and up interleaved in one weight (E, 2F, D), the only form its CPU kernel reads."""
+    g, e, f, d = c.g, m.experts, m.hidden, c.spec.width
+    x = g.op("Reshape", h, g.ints(-1, d))  # (B·S, D)
+    logits = g.op("MatMul", x, c.w(f"{pre}.router.weight", transpose=True))  # (B·S, E)
+    ex = f"{pre}.experts"
+    bias = {n: c.w(f"{ex}.{n}.bias") if c.has(f"{ex}.{n}.bias") else None for n in ("up", "gate", "down")}
+    fc1, fc1_bias = c.w(f"{ex}.up.weight"), bias["up"]
+    extra = {}
+    if m.gated:
+        fc1 = _interleave(c, c.w(f"{ex}.gate.weight"), fc1, 1, (e, 2 * f, d))
+        if fc1_bias is not None:
+            fc1_bias = _interleave(c, bias["gate"], fc1_bias, 1, (e, 2 * f))
+        extra = {"swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
+    y = g.op("MoE", x, logits, fc1, fc1_bias, c.w(f"{ex}.down.weight"), bias["down"], domain=MS, k=m.top_k,
+             activation_type=MOE_ACTIVATIONS[m.activation], normalize_routing_weights=int(m.normalize), **extra)
+    return g.op("Reshape", y, g.op("Shape", h))  # (B, S, D)
 
 
 # --- shapes and embeddings ---
@@ -127,7 +221,7 @@ def seq_len(c: Ctx, x: ir.Value | None = None) -> ir.Value:
 def patches(c: Ctx, pixels: ir.Value) -> ir.Value:
     """(B, C, S, S) images → (B, N, D) patch embeddings (a Conv with stride = kernel), the class token first."""
     g, p, d = c.g, c.spec.patches, c.spec.width
-    w = g.weight("embed.patch.weight", c.weights["embed.patch.weight"].view(d, p.channels, p.patch, p.patch))
+    w = g.weight("embed.patch.weight", c.weights["embed.patch.weight"].reshape(d, p.channels, p.patch, p.patch))
     x = g.op("Conv", pixels, w, c.w("embed.patch.bias"), kernel_shape=[p.patch, p.patch], strides=[p.patch, p.patch])
     x = g.op("Transpose", g.op("Reshape", x, g.ints(0, 0, -1)), perm=[0, 2, 1])  # (B, N, D)
     if p.cls:
@@ -155,9 +249,14 @@ def embed(c: Ctx, ins: dict[str, ir.Value]) -> ir.Value:
     kind = e.positions.kind
     if kind in ("learned", "sinusoidal"):
         table = c.w("embed.positions.weight") if kind == "learned" else g.table(
-            "embed.sinusoidal", ops.sinusoidal(torch.empty(1, c.spec.seq_len, c.spec.width)).numpy())  # (P, D)
+            "embed.sinusoidal", tables.sinusoidal(c.spec.seq_len, c.spec.width))  # (P, D)
         if "position_ids" in ins:
             pos = g.op("Gather", table, ins["position_ids"], axis=0)  # (B, S, D)
+        elif e.positions.skip_padding and "attention_mask" in ins:  # counted over the real tokens: cumsum − 1
+            mask = g.op("Cast", ins["attention_mask"], to=ir.DataType.INT64)
+            ids = g.op("CumSum", mask, g.const(1, dtype=np.int64))  # (B, S)
+            ids = g.op("Max", g.op("Sub", ids, g.const(1, dtype=np.int64)), g.const(0, dtype=np.int64))
+            pos = g.op("Gather", table, ids, axis=0)  # (B, S, D)
         else:
             pos = g.op("Slice", table, g.ints(0), seq_len(c), g.ints(0))  # (S, D)
         x = g.op("Add", x, pos)
@@ -169,15 +268,14 @@ def embed(c: Ctx, ins: dict[str, ir.Value]) -> ir.Value:
 def rope_freqs(pos: S.Positions, rotary: int) -> tuple[np.ndarray, float]:
     """The inverse frequencies (R/2,) float32, with a fixed scaling, and yarn's factor on cos/sin."""
     sc = pos.scaling
-    inv = ops.rope_inv_freq(rotary, pos.theta, sc).numpy()
+    inv = tables.rope_inv_freq(rotary, pos.theta, sc)
     return inv, (sc.attention if sc is not None and sc.kind == "yarn" else 1.0)
 
 
 def rope_table(pos: S.Positions, rotary: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin (rows, R), computed as the PyTorch model computes them (rotate-half layout)."""
     inv, attention = rope_freqs(pos, rotary)
-    cos, sin = ops.scaled_rope_tables(torch.empty(1, rows, 1), tuple(inv.tolist()), attention)
-    return cos.numpy(), sin.numpy()
+    return tables.rope_table(inv, rows, attention)
 
 
 # --- heads ---
@@ -203,7 +301,11 @@ def head(c: Ctx, x: ir.Value, mask: ir.Value | None) -> ir.Value:
             y = g.op("MatMul", x, g.weight("embed.tokens.weight_t", c.weights["embed.tokens.weight"], transpose=True))
             return softcap(c, g.op("Add", y, c.w("head.bias")) if c.has("head.bias") else y)  # (B, S, V)
         return softcap(c, linear(c, x, "head.out"))  # (B, S, V)
-    if hd.pool == "first":
+    if hd.kind == "span":  # start and end logits per position
+        return linear(c, x, "head.out")  # (B, S, 2)
+    if hd.pool == "none":  # every position classified: (B, S, D) → (B, S, C)
+        pass
+    elif hd.pool == "first":
         x = g.op("Gather", x, g.const(np.array(0, dtype=np.int64)), axis=1)  # (B, D)
     elif hd.pool == "last" and mask is None:
         x = g.op("Gather", x, g.const(np.array(-1, dtype=np.int64)), axis=1)  # (B, D)
@@ -223,4 +325,4 @@ def head(c: Ctx, x: ir.Value, mask: ir.Value | None) -> ir.Value:
         x = g.op("Div", total, count)
     if hd.pooler:
         x = g.op("Tanh", linear(c, x, "head.pooler"))
-    return linear(c, x, "head.out")  # (B, C)
+    return linear(c, x, "head.out")  # (B, C), or (B, S, C) per position

@@ -12,7 +12,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import spec as S
-from .attention import attention_scale, project
+from . import tables
+from .attention import attention_scale, length_inv_freq, longrope_inv_freq, project, total_length
 from .blocks import Ctx, linear, rope_table
 from .graph import MS
 
@@ -43,14 +44,45 @@ def lengths(c: Ctx, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
     return c.shared["gqa.lengths"]
 
 
-def caches(c: Ctx, rotary: int, rope: S.Positions) -> tuple[ir.Value, ir.Value]:
-    """cos_cache and sin_cache (max_length, R/2): the first half of the rotate-half tables."""
+def caches(c: Ctx, rotary: int, rope: S.Positions, ins: dict[str, ir.Value]) -> tuple[ir.Value, ir.Value]:
+    """cos_cache and sin_cache (max_length, R/2): the first half of the rotate-half tables; for a rope whose
+    frequencies follow the total length, chosen (longrope) or computed (dynamic) in the graph from it."""
     key = ("gqa.rope", rotary, rope)
     if key not in c.shared:
-        cos, sin = rope_table(rope, rotary, c.max_length)
-        h = rotary // 2
-        c.shared[key] = (c.g.table(f"cos_cache.{rotary}", cos[:, :h]), c.g.table(f"sin_cache.{rotary}", sin[:, :h]))
+        sc, h = rope.scaling, rotary // 2
+        if sc is not None and sc.kind == "longrope":
+            c.shared[key] = _longrope_caches(c, rotary, rope, ins)
+        elif sc is not None and sc.kind == "dynamic":
+            inv, _ = length_inv_freq(c, total_length(c, ins), rotary, rope)  # (R/2,)
+            rows = c.g.const(np.arange(c.max_length, dtype=np.float32)[:, None], dtype=np.float32)  # (max_length, 1)
+            ang = c.g.op("Mul", rows, inv)  # (max_length, R/2)
+            c.shared[key] = tuple(c.g.op("Cast", c.g.op(f, ang), to=c.g.float) for f in ("Cos", "Sin"))
+        else:
+            cos, sin = rope_table(rope, rotary, c.max_length)
+            c.shared[key] = (c.g.table(f"cos_cache.{rotary}", cos[:, :h]), c.g.table(f"sin_cache.{rotary}", sin[:, :h]))
     return c.shared[key]
+
+
+def _longrope_caches(c: Ctx, rotary: int, rope: S.Positions, ins: dict[str, ir.Value]) -> tuple[ir.Value, ir.Value]:
+    """LongRoPE as GenAI's model builder writes it: short and long cos/sin caches (max_length, R/2), times
+    `attention`, and an If on T > original that hands the kernel one pair."""
+    g, sc, h = c.g, rope.scaling, rotary // 2
+    pairs = {}
+    for name, factors in (("short", sc.short), ("long", sc.long)):
+        cos, sin = tables.rope_table(longrope_inv_freq(rotary, rope.theta, factors), c.max_length, sc.attention)
+        pairs[name] = (g.table(f"cos_cache_{name}.{rotary}", cos[:, :h]), g.table(f"sin_cache_{name}.{rotary}",
+                                                                              sin[:, :h]))
+    beyond = g.op("Greater", total_length(c, ins), g.const(np.array(sc.original, dtype=np.float32), dtype=np.float32))
+
+    def branch(name: str) -> ir.Graph:
+        nodes = [ir.node("Identity", [v]) for v in pairs[name]]
+        outs = [n.outputs[0] for n in nodes]
+        for o, v in zip(outs, pairs[name], strict=True):
+            o.name, o.type, o.shape = f"{v.name}_{name}_out", ir.TensorType(g.float), ir.Shape([c.max_length, h])
+        return ir.Graph([], outs, nodes=nodes, name=f"rope_{name}_{rotary}")
+
+    cos, sin = g.ops("If", beyond, n=2, then_branch=branch("long"), else_branch=branch("short"))
+    return cos, sin
 
 
 def attention(c: Ctx, i: int, a: S.Attention, h: ir.Value, ins: dict[str, ir.Value],
@@ -69,7 +101,7 @@ def attention(c: Ctx, i: int, a: S.Attention, h: ir.Value, ins: dict[str, ir.Val
         v = linear(c, h, f"{pre}.v")
     seqlens, total = lengths(c, ins["attention_mask"])
     rope = c.spec.embed.positions.kind == "rope"
-    cos, sin = caches(c, a.rotary, c.spec.layer_rope(i)) if rope else (None, None)
+    cos, sin = caches(c, a.rotary, c.spec.layer_rope(i), ins) if rope else (None, None)
     o, pk, pv = g.ops("GroupQueryAttention", q, k, v, past[0], past[1], seqlens, total, cos, sin, n=3, domain=MS,
                       num_heads=a.heads, kv_num_heads=a.kv_heads, scale=attention_scale(a),
                       local_window_size=a.window if a.window is not None else -1, do_rotary=int(rope),

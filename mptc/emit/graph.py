@@ -1,23 +1,24 @@
-"""Building an ONNX graph with onnx-ir: inputs, ops, constants and weights that wrap torch tensors.
+"""Building an ONNX graph with onnx-ir: inputs, ops, constants and weights (no torch).
 
-Weights are never copied while the graph is built: a weight used as it is wraps the parameter's
-memory (`TorchTensor`), and one that needs a transpose or a cast is a `LazyTensor`, made one at a
-time when the model is serialised (so peak memory stays near the size of the weights).
+Weights are never read while the graph is built: each one is a `LazyTensor` over a `Weight`
+(`mptc.emit.weights`) that reads it (and transposes or casts it) when the model is written, one at a
+time, so peak memory stays near the largest tensor or two.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import torch
 from onnx_ir.passes.common import NameFixPass
-from onnx_ir.tensor_adapters import TorchTensor
+
+from .weights import Weight
 
 MS = "com.microsoft"  # ONNX Runtime's contrib ops
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 IR_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -89,36 +90,29 @@ class Graph:
         return self.tape.initializer(ir.Tensor(np.ascontiguousarray(arr.astype(NP_DTYPES[self.dtype]))),
                                      name=self._name(name))
 
-    def weight(self, name: str, t: torch.Tensor, transpose: bool = False, keep_dtype: bool = False) -> ir.Value:
-        """A parameter as an initializer: wrapped as it is, or transposed / cast lazily at save time."""
-        t = t.detach()
-        want = t.dtype if keep_dtype else TORCH_DTYPES[self.dtype]
-        if not transpose and t.dtype == want and t.is_contiguous() and t.device.type == "cpu":
-            tensor = TorchTensor(t, name=self._name(name))
-        else:
-            shape = tuple(reversed(t.shape)) if transpose else tuple(t.shape)
+    def weight(self, name: str, w: Weight, transpose: bool = False, keep_dtype: bool = False) -> ir.Value:
+        """A parameter as an initializer, read (and transposed / cast) when the model is written."""
+        want = w.dtype if keep_dtype else np.dtype(NP_DTYPES[self.dtype])
+        return self._streamed(name, [w], want, transpose)
 
-            def make(t=t, want=want, transpose=transpose):
-                x = t.t() if transpose else t
-                return TorchTensor(x.to(device="cpu", dtype=want).contiguous())
-
-            tensor = ir.LazyTensor(make, ir.tensor_adapters.from_torch_dtype(want), ir.Shape(list(shape)),
-                                   name=self._name(name))
-        return self.tape.initializer(tensor, name=tensor.name)
-
-    def packed(self, name: str, parts: Sequence[torch.Tensor]) -> ir.Value:
+    def packed(self, name: str, parts: Sequence[Weight]) -> ir.Value:
         """Parameters concatenated along their first axis and transposed (a packed QKV MatMul weight),
-        made lazily at save time: (Σ out, in) → (in, Σ out); 1-D parts (biases) are only concatenated."""
-        parts = [p.detach() for p in parts]
-        want = TORCH_DTYPES[self.dtype]
-        shape = [sum(p.shape[0] for p in parts), *parts[0].shape[1:]][::-1]
+        made at save time: (Σ out, in) → (in, Σ out); 1-D parts (biases) are only concatenated."""
+        return self._streamed(name, list(parts), np.dtype(NP_DTYPES[self.dtype]), len(parts[0].shape) == 2)
 
-        def make(parts=parts, want=want):
-            x = torch.cat([p.to(device="cpu", dtype=want) for p in parts])
-            return TorchTensor(x.t().contiguous() if x.dim() == 2 else x)
+    def _streamed(self, name: str, parts: list[Weight], want: np.dtype, transpose: bool) -> ir.Value:
+        rows = sum(p.shape[0] for p in parts)
+        shape = (parts[0].shape[1], rows) if transpose else (rows, *parts[0].shape[1:])
+        t = Streamed(parts, want, transpose, shape, name=self._name(name))
+        return self.tape.initializer(t, name=t.name)
 
-        tensor = ir.LazyTensor(make, IR_DTYPES[self.dtype], ir.Shape(shape), name=self._name(name))
-        return self.tape.initializer(tensor, name=tensor.name)
+    def lazy(self, name: str, make: Callable[[], np.ndarray], dtype: ir.DataType, shape: Sequence[int]) -> ir.Value:
+        """An initializer made by `make` when the model is written (one tensor at a time), not before."""
+        def tensor(make=make) -> ir.Tensor:
+            return ir.Tensor(np.ascontiguousarray(make()))
+
+        t = ir.LazyTensor(tensor, dtype, ir.Shape(list(shape)), name=self._name(name))
+        return self.tape.initializer(t, name=t.name)
 
     def _name(self, base: str) -> str:
         name, k = base, 1
@@ -135,6 +129,91 @@ class Graph:
         m = ir.Model(g, ir_version=10, producer_name="mptc")
         NameFixPass()(m)
         return m
+
+
+# --- weights made at save time ---
+TILE = 256  # rows and columns of a transposed block: source and destination blocks stay in cache
+CHUNK = 1 << 22  # bytes of one cast strip
+_SCRATCH = threading.local()  # per writing thread: the buffer strips are made in
+
+
+def _scratch(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A reused buffer of `shape` (valid until the next call on this thread): no fresh pages per tensor."""
+    n = math.prod(shape) * dtype.itemsize
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.nbytes < n:
+        buf = _SCRATCH.buf = np.empty(n, dtype=np.uint8)
+    return buf[:n].view(dtype).reshape(shape)
+
+
+def strips(parts: Sequence[Weight], want: np.dtype, transpose: bool) -> Iterator[np.ndarray]:
+    """The values of parts concatenated along axis 0 (transposed: (C, Σ R) from parts (R_k, C)), cast to `want`,
+    as consecutive C-contiguous row blocks; a block made here lives in a reused buffer until the next one."""
+    if not transpose:
+        for p in parts:
+            x = p.load()
+            if x.dtype == want and x.flags.c_contiguous:
+                yield x
+                continue
+            rows = x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1)
+            step = max(1, CHUNK // max(1, rows.shape[1] * want.itemsize))
+            for i in range(0, rows.shape[0], step):
+                block = rows[i:i + step]
+                buf = _scratch(want, block.shape)
+                np.copyto(buf, block, casting="unsafe")
+                yield buf
+        return
+    xs = [p.load() for p in parts]  # (R_k, C) each
+    c, total = xs[0].shape[1], sum(x.shape[0] for x in xs)
+    for j in range(0, c, TILE):
+        n = min(TILE, c - j)
+        buf = _scratch(want, (n, total))
+        _transposed_rows(xs, j, n, buf)
+        yield buf
+
+
+def _transposed_rows(xs: Sequence[np.ndarray], j: int, n: int, dst: np.ndarray) -> None:
+    """Rows j … j + n of the transposed concatenation of xs (R_k, C) into dst (n, Σ R_k), block by block
+    (several times faster than one strided copy of a large matrix)."""
+    at = 0
+    for x in xs:
+        for i in range(0, x.shape[0], TILE):
+            m = min(TILE, x.shape[0] - i)
+            np.copyto(dst[:, at + i:at + i + m], x[i:i + m, j:j + n].T, casting="unsafe")
+        at += x.shape[0]
+
+
+class Streamed(ir.LazyTensor):
+    """An initializer made from weights when the model is written: `tofile` writes it strip by strip (never
+    whole: a reused buffer of ≤ TILE rows); `numpy()` / `tobytes()` make the whole array."""
+
+    def __init__(self, parts: Sequence[Weight], want: np.dtype, transpose: bool, shape: tuple[int, ...], name: str):
+        self.parts, self.want, self.transpose = list(parts), want, transpose
+        super().__init__(self._make, ir.DataType.from_numpy(want), ir.Shape(list(shape)), name=name)
+
+    def _make(self) -> ir.Tensor:
+        if len(self.parts) == 1 and not self.transpose and self.parts[0].dtype == self.want:
+            return ir.Tensor(np.ascontiguousarray(self.parts[0].load()))  # as stored: no copy
+        out, at = np.empty(tuple(self.shape), dtype=self.want), 0
+        if self.transpose:
+            xs = [p.load() for p in self.parts]
+            for j in range(0, out.shape[0], TILE):
+                _transposed_rows(xs, j, min(TILE, out.shape[0] - j), out[j:j + TILE])
+        elif len(self.parts) == 1:
+            np.copyto(out, self.parts[0].load(), casting="unsafe")
+        else:
+            for p in self.parts:
+                np.copyto(out[at:at + p.shape[0]], p.load(), casting="unsafe")
+                at += p.shape[0]
+        return ir.Tensor(out)
+
+    def tofile(self, file) -> None:
+        written = 0
+        for s in strips(self.parts, self.want, self.transpose):
+            file.write(memoryview(s.reshape(-1)).cast("B"))
+            written += s.nbytes
+        if written != self.nbytes:
+            raise AssertionError(f"{self.name}: wrote {written} bytes, its shape and dtype make {self.nbytes}")
 
 
 # --- writing a model with its weights inside, one tensor at a time ---
@@ -181,15 +260,23 @@ def save_inline(model: ir.Model, path) -> None:
 
 def _write_initializer(f, v: ir.Value) -> None:
     """One `graph { initializer { name, dims, data_type, raw_data } }` record, the data written from the
-    array itself (little-endian, as ONNX stores raw data)."""
-    arr = np.asarray(v.const_value.numpy())  # a view of a wrapped tensor; a lazy one is made here
-    if not arr.flags.c_contiguous:
-        arr = arr.copy(order="C")  # (np.ascontiguousarray would make a scalar 1-D)
-    head = onnx.TensorProto(name=v.name, dims=arr.shape, data_type=int(v.const_value.dtype)).SerializeToString()
-    raw = _key(RAW_DATA_FIELD, arr.nbytes)
-    size = len(head) + len(raw) + arr.nbytes
+    array itself (little-endian, as ONNX stores raw data); a streamed weight strip by strip."""
+    t = v.const_value
+    if isinstance(t, Streamed):
+        dims, nbytes, arr = tuple(t.shape), t.nbytes, None
+    else:
+        arr = np.asarray(t.numpy())
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")  # (np.ascontiguousarray would make a scalar 1-D)
+        dims, nbytes = arr.shape, arr.nbytes
+    head = onnx.TensorProto(name=v.name, dims=dims, data_type=int(t.dtype)).SerializeToString()
+    raw = _key(RAW_DATA_FIELD, nbytes)
+    size = len(head) + len(raw) + nbytes
     f.write(_key(GRAPH_FIELD, len(_key(INITIALIZER_FIELD, size)) + size))
     f.write(_key(INITIALIZER_FIELD, size))
     f.write(head)
     f.write(raw)
-    f.write(memoryview(arr.reshape(-1)).cast("B"))
+    if arr is None:
+        t.tofile(f)
+    else:
+        f.write(memoryview(arr.reshape(-1)).cast("B"))
