@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import fx, nn
 
-from . import ops
+from . import ops, tables
 from . import spec as S
 from .dims import sizes, too_large
 from .errors import MptcError, SpecError
@@ -522,7 +522,7 @@ def _cache_rope(b: _Builder, x: fx.Node, dim: int, pos: S.Positions) -> fx.Node:
     sc = pos.scaling
     if sc is None:
         return b.call(ops.rope_at, b.cache.positions, x, dim, pos.theta, role="rope")
-    inv = tuple(ops.rope_inv_freq(dim, pos.theta, sc).tolist())
+    inv = tuple(tables.rope_inv_freq(dim, pos.theta, sc).tolist())
     return b.call(ops.rope_at, b.cache.positions, x, dim, pos.theta, inv, sc.attention if sc.kind == "yarn" else 1.0,
                   role="rope")
 
@@ -535,9 +535,9 @@ def _rope_tables(b: _Builder, x: fx.Node, dim: int, pos: S.Positions) -> fx.Node
     if sc.kind == "dynamic":  # the base depends on the sequence length: computed in the graph
         return b.call(ops.dynamic_rope_tables, x, dim, pos.theta, sc.factor, sc.original, role="rope")
     if sc.kind == "longrope":  # short or long factors, chosen in the graph by the sequence length
-        short, long = (tuple(ops.longrope_inv_freq(dim, pos.theta, f).tolist()) for f in (sc.short, sc.long))
+        short, long = (tuple(tables.longrope_inv_freq(dim, pos.theta, f).tolist()) for f in (sc.short, sc.long))
         return b.call(ops.longrope_tables, x, short, long, sc.original, sc.attention, role="rope")
-    inv = tuple(ops.rope_inv_freq(dim, pos.theta, sc).tolist())  # fixed: constants of the graph
+    inv = tuple(tables.rope_inv_freq(dim, pos.theta, sc).tolist())  # fixed: constants of the graph
     return b.call(ops.scaled_rope_tables, x, inv, sc.attention if sc.kind == "yarn" else 1.0, role="rope")
 
 

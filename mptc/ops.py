@@ -268,49 +268,6 @@ def cache_concat(past: Tensor | None, new: Tensor) -> Tensor:
 # --- rope scaling, soft-capping, last-token pooling (the 2026 Hugging Face families) ---
 
 
-def rope_inv_freq(dim: int, theta: float, scaling) -> Tensor:
-    """The inverse frequencies (dim/2,) in float32 for `spec.RopeScaling` kinds linear, llama3 and yarn,
-    computed as transformers' `ROPE_INIT_FUNCTIONS` do (dynamic depends on the length: `dynamic_rope_tables`)."""
-    base = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))  # (dim/2,)
-    if scaling is None:
-        return base
-    if scaling.kind == "linear":
-        return base / scaling.factor
-    if scaling.kind == "llama3":
-        return _llama3(base, scaling.factor, scaling.low, scaling.high, scaling.original)
-    if scaling.kind == "yarn":
-        return _yarn(base, dim, theta, scaling)
-    raise ValueError(f"rope scaling {scaling.kind} has no fixed frequencies")
-
-
-def _llama3(inv: Tensor, factor: float, low: float, high: float, original: int) -> Tensor:
-    """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp between."""
-    low_wavelen, high_wavelen = original / low, original / high
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-    smooth = (original / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
-def _yarn(inv: Tensor, dim: int, theta: float, sc) -> Tensor:
-    """YaRN: dims with fewer than beta_slow rotations over the original context are interpolated
-    (÷ factor), dims with more than beta_fast are kept, a linear ramp between (arXiv 2309.00071)."""
-    def correction(rotations: float) -> float:  # the dim that turns `rotations` times over the original context
-        return dim * math.log(sc.original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-    low, high = correction(sc.beta_fast), correction(sc.beta_slow)
-    if sc.truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001  # no zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # (dim/2,)
-    keep = 1 - ramp  # 1: extrapolate (the frequency as it is), 0: interpolate
-    return (inv / sc.factor) * (1 - keep) + inv * keep
-
-
 def scaled_rope_tables(x: Tensor, inv_freq: tuple[float, ...], attention: float = 1.0) -> tuple[Tensor, Tensor]:
     """cos and sin (T, R) from fixed inverse frequencies (R/2 of them), times `attention` (yarn's factor)."""
     t = x.shape[1]
@@ -371,12 +328,6 @@ def pool_last(x: Tensor, mask: Tensor | None) -> Tensor:
         return x[:, -1]
     idx = (torch.arange(x.shape[1], device=x.device) * (mask != 0).to(torch.int64)).argmax(-1)  # (B,)
     return x[torch.arange(x.shape[0], device=x.device), idx]
-
-
-def longrope_inv_freq(dim: int, theta: float, factors: tuple[float, ...]) -> Tensor:
-    """LongRoPE's inverse frequencies (dim/2,): 1 / (factor_j · theta^(2j/dim)), as transformers computes them."""
-    exps = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # (dim/2,)
-    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * theta ** exps)
 
 
 def longrope_tables(x: Tensor, short: tuple[float, ...], long: tuple[float, ...], original: int,

@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import spec as S
+from .. import tables
 from .blocks import Ctx, linear, norm, rope_freqs, rope_table, seq_len
 
 LOWEST = {"float32": float(np.finfo(np.float32).min), "float16": float(np.finfo(np.float16).min)}
@@ -74,12 +75,6 @@ def total_length(c: Ctx, ins: dict[str, ir.Value]) -> ir.Value:
     return c.shared["total.f"]
 
 
-def longrope_inv_freq(dim: int, theta: float, factors: tuple[float, ...]) -> np.ndarray:
-    """LongRoPE's inverse frequencies (dim/2,) float32: 1 / (factor_j · theta^(2j/dim)) (`ops.longrope_inv_freq`)."""
-    exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)  # (dim/2,)
-    return (np.float32(1.0) / (np.asarray(factors, dtype=np.float32) * np.float32(theta) ** exps)).astype(np.float32)
-
-
 def length_inv_freq(c: Ctx, total: ir.Value, rotary: int, rope: S.Positions) -> tuple[ir.Value, float]:
     """The inverse frequencies (R/2,) float32 at total length T (a float32 scalar), and the factor on cos/sin.
 
@@ -93,7 +88,7 @@ def length_inv_freq(c: Ctx, total: ir.Value, rotary: int, rope: S.Positions) -> 
         return g.const(np.asarray(v, dtype=f32), dtype=f32)
 
     if sc.kind == "longrope":
-        short, long = (k(longrope_inv_freq(rotary, rope.theta, f)) for f in (sc.short, sc.long))
+        short, long = (k(tables.longrope_inv_freq(rotary, rope.theta, f)) for f in (sc.short, sc.long))
         return g.op("Where", g.op("Greater", total, k(sc.original)), long, short), sc.attention
     length = g.op("Max", total, k(sc.original))
     ratio = g.op("Sub", g.op("Div", g.op("Mul", k(sc.factor), length), k(sc.original)), k(sc.factor - 1))

@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import spec as S
-from . import tables
+from .. import tables
 from .graph import MS, Graph
 from .weights import Weights
 

@@ -12,8 +12,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import spec as S
-from . import tables
-from .attention import attention_scale, length_inv_freq, longrope_inv_freq, project, total_length
+from .. import tables
+from .attention import attention_scale, length_inv_freq, project, total_length
 from .blocks import Ctx, linear, rope_table
 from .graph import MS
 
@@ -69,7 +69,7 @@ def _longrope_caches(c: Ctx, rotary: int, rope: S.Positions, ins: dict[str, ir.V
     g, sc, h = c.g, rope.scaling, rotary // 2
     pairs = {}
     for name, factors in (("short", sc.short), ("long", sc.long)):
-        cos, sin = tables.rope_table(longrope_inv_freq(rotary, rope.theta, factors), c.max_length, sc.attention)
+        cos, sin = tables.rope_table(tables.longrope_inv_freq(rotary, rope.theta, factors), c.max_length, sc.attention)
         pairs[name] = (g.table(f"cos_cache_{name}.{rotary}", cos[:, :h]), g.table(f"sin_cache_{name}.{rotary}",
                                                                               sin[:, :h]))
     beyond = g.op("Greater", total_length(c, ins), g.const(np.array(sc.original, dtype=np.float32), dtype=np.float32))

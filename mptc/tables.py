@@ -1,7 +1,8 @@
-"""The computed tables of the graph in numpy (no torch): sinusoidal positions and rotary frequencies.
+"""Tables computed once, in numpy (torch-free): rotary inverse frequencies, cos/sin and sinusoidal positions.
 
-Each follows its PyTorch twin in `mptc.ops` step by step in float32 (`sinusoidal`, `rope_inv_freq`,
-`scaled_rope_tables`), so the tables agree with what the PyTorch model computes.
+The inverse frequencies are constants of both the lowered PyTorch graph (`mptc.lower`) and the emitted ONNX
+(`mptc.emit`), so the two use the same numbers; the cos/sin and sinusoidal tables follow the graph's runtime
+ops (`ops.scaled_rope_tables`, `ops.sinusoidal`) step by step in float32.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def sinusoidal(rows: int, d: int) -> np.ndarray:
 
 
 def rope_inv_freq(dim: int, theta: float, scaling) -> np.ndarray:
-    """The inverse frequencies (dim/2,) float32, with a fixed scaling (linear, llama3, yarn) (`ops.rope_inv_freq`)."""
+    """The inverse frequencies (dim/2,) float32 for `spec.RopeScaling` kinds linear, llama3 and yarn, as
+    transformers' `ROPE_INIT_FUNCTIONS` compute them (dynamic depends on the length: `ops.dynamic_rope_tables`)."""
     base = F32(1.0) / (F32(theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(F32) / F32(dim)))  # (dim/2,)
     if scaling is None:
         return base
@@ -33,6 +35,12 @@ def rope_inv_freq(dim: int, theta: float, scaling) -> np.ndarray:
     if scaling.kind == "yarn":
         return _yarn(base, dim, theta, scaling)
     raise ValueError(f"rope scaling {scaling.kind} has no fixed frequencies")
+
+
+def longrope_inv_freq(dim: int, theta: float, factors: tuple[float, ...]) -> np.ndarray:
+    """LongRoPE's inverse frequencies (dim/2,) float32: 1 / (factor_j · theta^(2j/dim)), as transformers has them."""
+    exps = np.arange(0, dim, 2, dtype=np.int64).astype(F32) / F32(dim)  # (dim/2,)
+    return (F32(1.0) / (np.asarray(factors, dtype=F32) * F32(theta) ** exps)).astype(F32)
 
 
 def _llama3(inv: np.ndarray, factor: float, low: float, high: float, original: int) -> np.ndarray:
