@@ -28,24 +28,10 @@ from mptc.lower import lower
 from mptc.schema import parse
 
 from .conftest import EXAMPLES, TINY, perturbed
+from .test_emit_coverage import MOE
 from .test_emit_direct import SPECS, model, session
 
 ROOT = Path(__file__).resolve().parent.parent
-MOE = """model moe {
-  vocab = 96
-  context = 32
-  width = 32
-  embed { positions = rope(theta = 10000.0) }
-  layers 3 {
-    norm = rmsnorm(eps = 1e-6)
-    attention { heads = 4, kv_heads = 2, head_dim = 16, bias = false, out_bias = false }
-    mlp {
-      hidden = 24, activation = [swiglu, gelu_tanh, geglu], bias = [false, true, false], experts = [4, 4, 3],
-      top_k = [2, 2, 1], normalize = [true, false, true], shared = [16, none, 8], shared_gate = [true, false, false]
-    }
-  }
-  head lm { norm = rmsnorm(eps = 1e-6), tied = false }
-}"""
 TEXTS = SPECS | {"moe": MOE}
 
 
