@@ -9,8 +9,9 @@ the ONNX Runtime GenAI model builder on the same Hugging Face checkpoint.
    greedy decoding collapses onto one repeated token, which any two implementations agree on; at 0.05 the
    tokens vary and depend on the whole context. `save_pretrained` with a word-level tokenizer (the builder
    copies one).
-2. Emission, each command in its own process (peak resident set from `os.wait4`, wall time), in interleaved
-   rounds: the builder (`python -m onnxruntime_genai.models.builder -i HF -o OUT -p fp32|int4 -e cpu`) against
+2. Emission, each command in its own process started after a sync (peak resident set from `os.wait4`, wall
+   time), in interleaved rounds: the builder
+   (`python -m onnxruntime_genai.models.builder -i HF -o OUT -p fp32|int4 -e cpu`) against
    `mptc deploy` (genai fp32, portable fp32, genai int4) from the `mptc import-hf` model dir; and
    `mptc compile DIR -o X.onnx` against the traced export (`TRACED_EXPORT`).
 3. Decoding, one worker process per candidate, interleaved rounds: a `PROMPT`-token prompt (prefill: the time
@@ -57,7 +58,7 @@ class Size:
 
 
 SIZES = {
-    "full": Size(768, 12, 12, 4, 2048, 32000, 128, 128, 16, 5, 2),
+    "full": Size(768, 12, 12, 4, 2048, 32000, 128, 128, 16, 5, 3),
     "quick": Size(256, 2, 4, 2, 704, 8000, 32, 32, 8, 3, 1),
     "toy": Size(64, 2, 4, 2, 128, 512, 16, 16, 4, 1, 1, only=("builder_fp32", "compile_direct", "mptc_genai_fp32")),
 }
@@ -130,8 +131,8 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 def run_measured(argv: list[str], out: str, log: str, threads: int | None = None) -> dict:
-    """Run `argv` (which writes `out`, removed first) in its own process: wall seconds, its peak resident set
-    (`ru_maxrss`, through `LAUNCH`) and the bytes written."""
+    """Run `argv` (which writes `out`, removed first) in its own process, after a sync: wall seconds, its peak
+    resident set (`ru_maxrss`, through `LAUNCH`) and the bytes written."""
     p = Path(out)
     if p.is_dir():
         shutil.rmtree(p)
@@ -145,6 +146,7 @@ def run_measured(argv: list[str], out: str, log: str, threads: int | None = None
     with open(log, "ab") as f:
         f.write(f"\n$ {' '.join(argv)}\n".encode())
         f.flush()
+        os.sync()  # the previous command's unwritten pages would slow this one's writes (0.3-0.6 s for 500 MB)
         t0 = time.perf_counter()
         rss = Path(log).with_suffix(".rss")
         rc = subprocess.run([sys.executable, "-S", "-c", LAUNCH, str(rss), *argv], stdout=f, stderr=subprocess.STDOUT,
@@ -473,7 +475,7 @@ LABELS = {"builder_fp32": "ORT GenAI builder, fp32", "builder_int4": "ORT GenAI 
           "mptc_naive": "mptc compile .onnx, no cache (reference)", "compile_direct": "mptc compile X.onnx",
           "export_traced": "traced export (torch.export + dynamo ONNX)",
           "imports": "imports only (torch, onnx, onnxruntime, transformers, mptc)",
-          "imports_mptc": "imports only, mptc's commands (onnx, onnx-ir, mptc.emit, mptc.deploy)"}
+          "imports_mptc": "imports only, mptc's commands (onnx, mptc.emit, mptc.deploy)"}
 BASE = {"mptc_genai_fp32": "builder_fp32", "mptc_portable_fp32": "builder_fp32", "mptc_genai_int4": "builder_int4",
         "compile_direct": "export_traced"}
 
@@ -552,7 +554,8 @@ def markdown(dep: dict | None, table, f, ms) -> list[str]:
                          f(em["ratios"].get(f"{k}/{base}")) if base else "—", f(peak, 0),
                          f(peak / w if peak else None), f(above, 0), f(r["bytes"], 0, 1 / (1 << 20))])
         out += ["### Emission", "",
-                "Each command in its own process with one thread (`OMP_NUM_THREADS=1`), the Python start-up and "
+                "Each command in its own process with one thread (`OMP_NUM_THREADS=1`), started after a `sync` "
+                "(so no command pays for the writes the one before left in the page cache), the Python start-up and "
                 "imports included; peak memory is that process's peak resident set (`ru_maxrss`); the \"imports "
                 "only\" rows are the floors the commands start from (mptc's commands from a model dir import no "
                 "torch: theirs is the second). × is against the builder at the same precision (the traced export "

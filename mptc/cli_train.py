@@ -75,6 +75,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "greedy per-layer search may cut: MLP units, kv groups, whole layers (default mlp; reorder first)")
     c.add_argument("--step", type=float, default=1 / 8, metavar="X", help="a model without nesting: the fraction "
                    "of a layer's MLP one cut removes (default 1/8)")
+    c.add_argument("--correct", choices=("none", "lsq"), default="none", help="a model without nesting: lsq "
+                   "measures each candidate cut with its projection refit by ridge least squares, as `mptc extract "
+                   "--correct lsq` refits it, so the widths are chosen for the corrected model (default none)")
     c.add_argument("--eval-batches", type=int, default=4, help="held-out batches per candidate (default 4)")
     c.add_argument("--batch", type=int, default=16, help="sequences per batch (default 16)")
     c.add_argument("--seq", type=int, help="tokens per sequence (default: the model's context)")
@@ -281,6 +284,10 @@ def cmd_search(args) -> int:
         console.print("[yellow]note: SRC is a spec, so its weights are random; search a trained model dir[/]")
     if not spec.nested:
         return _search_plain(args, model, budget, batches, console)
+    if args.correct != "none":
+        raise MptcError(f"--correct {args.correct} applies to the per-layer search of a model without nesting; "
+                        f"'{spec.name}' is nested", hint="pick its granularities without --correct, then refit the "
+                        "extracted model with `mptc extract … --correct lsq`")
 
     from rich.progress import Progress
 
@@ -312,6 +319,7 @@ def _search_plain(args, model, budget, batches, console) -> int:
     """Per-layer widths of a model without nesting: the greedy search, then the extract command."""
     from . import search as M
     from .atomic import atomic_file
+    from .passes.correct import DEFAULT_RIDGE
     from .summary import human
 
     what = tuple(w.strip() for w in args.what.split(",") if w.strip())
@@ -324,7 +332,8 @@ def _search_plain(args, model, budget, batches, console) -> int:
     if not 0 < args.step <= 0.5:
         raise MptcError(f"--step must be a fraction in (0, 1/2], got {args.step}")
     cal = [{"input_ids": x} for x in batches]
-    result = M.plain_search(model, budget, cal, what, args.step)
+    ridge = DEFAULT_RIDGE if args.correct == "lsq" else None
+    result = M.plain_search(model, budget, cal, what, args.step, refit_ridge=ridge)
     console.print(f"per-layer widths under {budget} ({len(result.steps)} cuts, greedy on the loss of "
                   f"{sum(len(x) for x in batches)} windows):")
     console.print(f"  MLP kept per layer: {result.mix}")
@@ -333,7 +342,7 @@ def _search_plain(args, model, budget, batches, console) -> int:
     if result.skip:
         console.print(f"  layers left out: {', '.join(map(str, result.skip))}")
     console.print(f"  {human(result.params)} params, {human(result.flops)} FLOPs/token, loss {result.loss:.4f} "
-                  "(before any correction)")
+                  + ("(the cuts refit by least squares)" if ridge is not None else "(before any correction)"))
     data = " ".join(args.data) if args.data else "FILES"
     console.print(f"extract it: mptc extract {args.spec} " + " ".join(
         f'{a} "{b}"' if a in ("--mix", "--heads") else f"{a} {b}" for a, b in
@@ -341,7 +350,7 @@ def _search_plain(args, model, budget, batches, console) -> int:
         f" --correct lsq --data {data} -o OUT")
     if args.json:
         with atomic_file(args.json, kind="search") as tmp:
-            tmp.write_text(json.dumps(result.to_json(), indent=1) + "\n")
+            tmp.write_text(json.dumps(result.to_json() | {"correct": args.correct}, indent=1) + "\n")
         console.print(f"wrote {args.json}")
     return 0
 

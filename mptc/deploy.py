@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 import mptc
 
@@ -32,6 +33,7 @@ from . import emit
 from . import spec as S
 from .atomic import atomic_dir
 from .emit import fast
+from .emit.model import LazyModel
 from .errors import MptcError
 from .files import WEIGHTS_FILE, load
 from .genai import CacheLayer, genai_config
@@ -251,16 +253,12 @@ def _sizes(d: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in d.iterdir() if p.is_file()}
 
 
-def _graph_io(graph) -> tuple[dict[str, list[int | None]], list[str]]:
-    """The input shapes (None for a symbolic axis) and output names of an onnx.ModelProto or onnx_ir.Model."""
-    if hasattr(graph, "graph") and hasattr(graph.graph, "initializer"):  # ModelProto
-        g = graph.graph
-        ins = {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
-               for i in g.input}
-        return ins, [o.name for o in g.output]
-    g = graph.graph  # onnx_ir
-    ins = {v.name: [d if isinstance(d, int) else None for d in v.shape] for v in g.inputs}
-    return ins, [v.name for v in g.outputs]
+def _graph_io(model: onnx.ModelProto) -> tuple[dict[str, list[int | None]], list[str]]:
+    """The input shapes (None for a symbolic axis) and output names of a model."""
+    g = model.graph
+    ins = {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+           for i in g.input}
+    return ins, [o.name for o in g.output]
 
 
 def check_cache_shapes(inputs: dict[str, list[int | None]], layers: list[CacheLayer]) -> None:
@@ -281,9 +279,7 @@ def _graph(emitted, weights: str):
     if weights not in ("int8", "int4"):
         return emitted, None
     if not hasattr(emitted, "to_proto"):
-        import onnx_ir as ir
-
-        emitted = emit.Emitted(model=ir.from_proto(emitted))
+        emitted = emit.Emitted(model=LazyModel.from_proto(emitted))
     return emitted, quantize_graph(emitted.model, weights).describe()
 
 
@@ -310,7 +306,7 @@ def write_decoder(out: str | os.PathLike, graph, info: DecoderInfo, runtime: str
     share_buffer: whether every layer updates its cache in place (default: the genai profile)."""
 
     notes = list(notes or [])
-    ins, outs = _graph_io(graph.model if hasattr(graph, "to_proto") else graph)
+    ins, outs = _graph_io(graph.model.proto if hasattr(graph, "to_proto") else graph)
     check_cache_shapes(ins, info.layers)
     graph, quantized = _graph(graph, weights)
     share = runtime == "genai" if share_buffer is None else share_buffer

@@ -5,6 +5,7 @@ FLOPs per token (forward, one multiply-add = 2 FLOPs, as in Kaplan et al. 2020):
     a tied head counts the embedding matrix here; the patch embedding counts per patch);
   - attention over a full context T: 2 × H × (K + Dv) × T per layer (scores and the
     weighted sum; no causal halving), T = `context` or the number of patches (+ class token);
+    with a sliding window W a query sees min(T, W) keys (causal) or min(T, 2W − 1) (both sides);
   - a hypernetwork's low-rank delta A(c)·(B(c)·x): 2 × r × (in + out) per token, beside its generator matrices;
   - lookups, norms, activations and softmax are not counted.
 
@@ -62,6 +63,13 @@ class Summary:
         return asdict(self, dict_factory=lambda kv: {k: v for k, v in kv if k != "layer"})
 
 
+def _keys(a: S.Attention, t: int) -> int:
+    """The keys one query attends to over a context of t: all of them, or those its window lets through."""
+    if a.window is None:
+        return t
+    return min(t, a.window if a.mask == "causal" else 2 * a.window - 1)
+
+
 def summarize(src: S.Spec | fx.GraphModule) -> Summary:
     """The summary of a spec (lowered on the meta device: shapes only, nothing allocated) or of a built model."""
     if isinstance(src, S.Spec):  # the parameter tree alone: no GraphModule code is generated
@@ -88,7 +96,7 @@ def summarize(src: S.Spec | fx.GraphModule) -> Summary:
     t = spec.seq_len or 0
     for i, part in enumerate(layers):
         a = spec.layers[i].attention
-        part.flops_per_token += 2 * a.heads * (a.head_dim + a.value_dim) * t
+        part.flops_per_token += 2 * a.heads * (a.head_dim + a.value_dim) * _keys(a, t)
         if spec.layers[i].hyper is not None:  # x → B(c)·x (r·in) → A(c)·… (r·out)
             part.flops_per_token += 2 * sum(part.tensors[f"layers.{i}.hyper.{m}.weight"][0] for m in ("a", "b"))
         part.layer = _resolved(spec, i)
@@ -247,7 +255,9 @@ def _numel(shape: list[int]) -> int:
 
 
 def human(n: int) -> str:
-    for unit, k in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= k:
-            return f"{n / k:.2f}{unit}"
-    return str(n)
+    """`1.50K`, `124.67M`: the smallest unit whose value shows under 1000 (999,999 is `1.00M`, not `1000.00K`)."""
+    if abs(n) < 1000:
+        return str(n)
+    units = (("K", 1e3), ("M", 1e6), ("G", 1e9), ("T", 1e12))
+    unit, k = next(((u, k) for u, k in units if round(abs(n) / k, 2) < 1000), units[-1])
+    return f"{n / k:.2f}{unit}"

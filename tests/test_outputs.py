@@ -605,3 +605,17 @@ def test_a_full_disk_is_an_error_and_keeps_the_previous_output(small_disk, tmp_p
     assert main(["compile", big, "-o", str(small_disk / "new")]) == 1
     assert "no space left on device" in capsys.readouterr().err
     assert sorted(os.listdir(small_disk)) == ["m"]
+
+
+@pytest.mark.parametrize("argv", [["compile", "{d}", "-o", "{disk}/x.onnx"],
+                                  ["compile", "{d}", "-o", "{disk}/x.onnx", "--external-data"],
+                                  ["deploy", "{d}", "-o", "{disk}/dep"]])
+def test_a_full_disk_under_the_onnx_writer_is_the_same_clean_error(argv, small_disk, tmp_path, capsys):
+    d = tmp_path / "big"
+    assert main(["compile", micro(tmp_path, vocab=20000), "-o", str(d)]) == 0  # 1.3 MB of weights
+    capsys.readouterr()
+    args = [a.format(d=d, disk=small_disk) for a in argv]
+    assert main(args) == 1  # the weights are written on a background thread: its ENOSPC reaches the command
+    err = capsys.readouterr().err
+    assert f"error: no space left on device while writing {args[3]}" in err and "Traceback" not in err
+    assert os.listdir(small_disk) == []

@@ -163,3 +163,37 @@ def test_cli_search_of_a_plain_model_gives_per_layer_widths_that_extract_and_com
     assert main(["compile", str(tmp_path / "sub"), "-o", str(tmp_path / "sub.onnx")]) == 0
     assert main(["search", str(tmp_path / "m"), "--budget", "params=10K"]) == 1
     assert "a model without nesting is searched on measured losses" in capsys.readouterr().err
+
+
+def test_cli_search_with_correct_lsq_chooses_widths_for_the_refit_model(tmp_path, capsys, monkeypatch):
+    """`--correct lsq` runs the per-layer search with each cut refit by ridge least squares (the ridge `mptc
+    extract --correct lsq` uses); a nested model refuses it by name."""
+    from mptc.passes.correct import DEFAULT_RIDGE
+
+    plain = SPEC.replace(", nested = [1/8, 1/4, 1/2, 1]", "")
+    mptc.save(mptc.build(mptc.parse(plain), seed=0), tmp_path / "m")
+    full = mptc.summarize(mptc.parse(plain)).params
+    seen, real = [], M.plain_search
+
+    def spy(*a, **k):
+        seen.append(k.get("refit_ridge"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(M, "plain_search", spy)
+    monkeypatch.setenv("COLUMNS", "300")  # rich wraps the console's lines at its width
+    common = ["search", str(tmp_path / "m"), "--data", *FILES, "--budget", f"params={full - 20_000}",
+              "--eval-batches", "1", "--batch", "4"]
+    losses = {}
+    for correct in ("none", "lsq"):
+        js = tmp_path / f"{correct}.json"
+        assert main([*common, "--correct", correct, "--json", str(js)]) == 0
+        out = capsys.readouterr().out
+        assert ("refit by least squares" in out) == (correct == "lsq")
+        r = json.loads(js.read_text())
+        assert r["correct"] == correct and r["params"] <= full - 20_000
+        losses[correct] = r["loss"]
+    assert seen == [None, DEFAULT_RIDGE]
+    assert losses["lsq"] < losses["none"]  # the refit recovers part of what the same budget's cuts cost
+    mptc.save(mptc.build(mptc.parse(SPEC), seed=0), tmp_path / "nested")
+    assert main(["search", str(tmp_path / "nested"), "--budget", "params=100K", "--correct", "lsq"]) == 1
+    assert "--correct lsq applies to the per-layer search of a model without nesting" in capsys.readouterr().err

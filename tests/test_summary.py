@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 import mptc
+from mptc.summary import human
 
 from .conftest import EXAMPLES, ROOT, TINY
 
@@ -109,17 +112,18 @@ def test_the_table_exactly(tmp_path, capsys, monkeypatch):
 }
 """
     # embed 100·32 + 16·32; per layer 4·(32·32 + 32) + (64·32 + 64) + (32·64 + 32) + 2 norms · 64 = 8,544 params
-    # and 2·(4·32·32 + 2·64·32) + 2·4·(8 + 8)·16 = 18,432 FLOPs; the tied head 2·100·32 FLOPs, no parameters
+    # and 2·(4·32·32 + 2·64·32) + 2·4·(8 + 8)·16 = 18,432 FLOPs, or · 8 keys with the window 8: 17,408; the tied
+    # head 2·100·32 FLOPs, no parameters
     expected = """\
-rows: 29.34K parameters, 61.70K FLOPs/token (context 16)
+rows: 29.34K parameters, 59.65K FLOPs/token (context 16)
 ┏━━━━━━━━━━━━━━━┳━━━━━━━━┳━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┓
 ┃ part          ┃ params ┃ FLOPs/token ┃ layout                                             ┃
 ┡━━━━━━━━━━━━━━━╇━━━━━━━━╇━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━┩
 │ embed         │  3,712 │           0 │ tokens 100 · learned                               │
 │ layer 0       │  8,544 │      18,432 │ attn 4×8 causal · mlp 64 gelu · attn.window = none │
-│ layers 1–2 ×2 │  8,544 │      18,432 │ attn 4×8 causal · mlp 64 gelu · attn.window = 8    │
+│ layers 1–2 ×2 │  8,544 │      17,408 │ attn 4×8 causal · mlp 64 gelu · attn.window = 8    │
 │ head          │      0 │       6,400 │ lm, tied: its matrix is counted in embed           │
-│ total         │ 29,344 │      61,696 │                                                    │
+│ total         │ 29,344 │      59,648 │                                                    │
 └───────────────┴────────┴─────────────┴────────────────────────────────────────────────────┘
 features: sliding window
 consecutive layers equal in every field share a row (params and FLOPs per layer)"""
@@ -283,3 +287,22 @@ def test_film_and_expert_gate_matrices_are_counted():
     d, c, h, m = 64, 8, 32, 4
     film = lambda n_in: 2 * (h * n_in + 2 * d * h)  # hidden (h, in), then scale and shift (D, h) each
     assert s.embed.flops_per_token == 2 * m * c + film(c) + film(d) == 21_056
+
+
+@pytest.mark.parametrize("n, want", [(999, "999"), (1000, "1.00K"), (1500, "1.50K"), (999_994, "999.99K"),
+                                     (999_999, "1.00M"), (124_668_672, "124.67M"), (-2_500_000, "-2.50M"),
+                                     (999_999_999_999, "1.00T")])
+def test_human_counts_never_show_1000_of_a_unit(n, want):
+    assert human(n) == want
+
+
+def test_a_sliding_window_bounds_the_attention_flops():
+    spec = mptc.load("examples/gpt2-small.mpt")
+    d, ff, t, w = 768, 3072, 1024, 256
+    matrices = 2 * (4 * d * d + 2 * d * ff)
+    for mask, keys in (("causal", w), ("bidirectional", 2 * w - 1)):
+        layers = tuple(replace(ly, attention=replace(ly.attention, window=w, mask=mask)) for ly in spec.layers)
+        s = mptc.summarize(replace(spec, layers=layers))
+        assert all(p.flops_per_token == matrices + 2 * 12 * (64 + 64) * keys for p in s.layers), mask
+    wide = tuple(replace(ly, attention=replace(ly.attention, window=4 * t)) for ly in spec.layers)
+    assert mptc.summarize(replace(spec, layers=wide)).layers[0].flops_per_token == matrices + 2 * 12 * 128 * t

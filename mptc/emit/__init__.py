@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
 
-import onnx_ir as ir
+import onnx
 
 from .. import spec as S
 from ..errors import MptcError
@@ -22,7 +21,8 @@ from ..graph import spec_of
 from . import attention as portable
 from . import genai
 from .blocks import Ctx, add_norm, embed, head, mlp, norm
-from .graph import IR_DTYPES, Graph, save_inline
+from .graph import DTYPES, DataType, Graph, Value
+from .model import LazyModel
 from .nested import active
 from .weights import Weights, from_module
 
@@ -79,7 +79,7 @@ class LayerCache:
 
 @dataclass
 class Emitted:
-    model: ir.Model  # weights wrap the model's tensors (transposed or cast ones are made at save time)
+    model: LazyModel  # weights wrap the model's tensors (transposed or cast ones are made at save time)
     layers: list[LayerCache] = field(default_factory=list)  # per layer, with a cache; else empty
     notes: list[str] = field(default_factory=list)  # what was chosen and why
 
@@ -88,16 +88,13 @@ class Emitted:
         """Whether ONNX Runtime GenAI may share past and present buffers (every layer in the GenAI form)."""
         return bool(self.layers) and all(ly.form == "genai" for ly in self.layers)
 
-    def to_proto(self):
-        return ir.to_proto(self.model)
+    def to_proto(self) -> onnx.ModelProto:
+        """The model with its weights inside (each one made now)."""
+        return self.model.to_proto()
 
     def save(self, path: str | os.PathLike, external_data: bool) -> None:
         """Write `path` (and `path.data` with the weights, if external), one tensor at a time."""
-        p = Path(path)
-        if external_data:
-            ir.save(self.model, p, external_data=p.name + ".data")
-        else:
-            save_inline(self.model, p)
+        self.model.save(path, external_data)
 
 
 # --- coverage ---
@@ -192,8 +189,8 @@ def emit(model, *, weights: Weights | None = None, cache: bool = False, profile:
     else:
         spec, weights = spec_of(model), from_module(model) if weights is None else weights
     opset = ONNX_OPSET if opset is None else opset
-    if dtype not in IR_DTYPES:
-        raise MptcError(f"cannot emit ONNX in {dtype}", hint=f"use one of {', '.join(IR_DTYPES)}")
+    if dtype not in DTYPES:
+        raise MptcError(f"cannot emit ONNX in {dtype}", hint=f"use one of {', '.join(DTYPES)}")
     if opset < 18:
         raise MptcError(f"opset {opset} is too old; mptc emits opset 18 or newer")
     reasons = unsupported(spec, cache=cache, profile=profile)
@@ -225,9 +222,9 @@ def _hint(spec: S.Spec, cache: bool, profile: str) -> str:
     return "compile it with `mptc compile SRC -o OUT.onnx`, which traces what the emitter does not cover"
 
 
-def _inputs(c: Ctx, out: Emitted) -> dict[str, ir.Value]:
+def _inputs(c: Ctx, out: Emitted) -> dict[str, Value]:
     g, spec = c.g, c.spec
-    i64 = ir.DataType.INT64
+    i64 = DataType.INT64
     if not c.cache:
         p = spec.patches
         return {n: g.input(n, g.float, ["batch", p.channels, p.image, p.image]) if n == "pixel_values"

@@ -9,20 +9,20 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx_ir as ir
 
 from .. import spec as S
 from .. import tables
 from .blocks import Ctx, linear, norm, rope_freqs, rope_table, seq_len
+from .graph import DataType, Value
 
 LOWEST = {"float32": float(np.finfo(np.float32).min), "float16": float(np.finfo(np.float16).min)}
 
 
-def _scalar(c: Ctx, v: ir.Value) -> ir.Value:
+def _scalar(c: Ctx, v: Value) -> Value:
     return c.g.op("Squeeze", v, c.g.ints(0))
 
 
-def positions(c: Ctx, ins: dict[str, ir.Value]) -> tuple[ir.Value, ir.Value]:
+def positions(c: Ctx, ins: dict[str, Value]) -> tuple[Value, Value]:
     """Buffer indices of the queries (S,) and of all keys (T,), from the mask's length T and S."""
     if "positions" not in c.shared:
         g = c.g
@@ -34,7 +34,7 @@ def positions(c: Ctx, ins: dict[str, ir.Value]) -> tuple[ir.Value, ir.Value]:
     return c.shared["positions"]
 
 
-def mask(c: Ctx, ins: dict[str, ir.Value], a: S.Attention) -> ir.Value | None:
+def mask(c: Ctx, ins: dict[str, Value], a: S.Attention) -> Value | None:
     """Boolean (B, 1, S, T), True where a query may attend a key: causal, within the window, not
     padding; a query always sees itself (as `mptc.ops.attention_mask`). Built once per kind; None
     when every query sees every key (images: no padding mask)."""
@@ -50,7 +50,7 @@ def mask(c: Ctx, ins: dict[str, ir.Value], a: S.Attention) -> ir.Value | None:
     qi, kj = g.op("Unsqueeze", qi, g.ints(1)), g.op("Unsqueeze", kj, g.ints(0))  # (S, 1), (1, T)
     keep = None
     if padding is not None:
-        keep = g.op("Unsqueeze", g.op("Cast", padding, to=ir.DataType.BOOL), g.ints(1, 2))  # (B, 1, 1, T)
+        keep = g.op("Unsqueeze", g.op("Cast", padding, to=DataType.BOOL), g.ints(1, 2))  # (B, 1, 1, T)
     if a.mask == "causal":
         causal = g.op("LessOrEqual", kj, qi)
         keep = causal if keep is None else g.op("And", keep, causal)
@@ -67,15 +67,15 @@ def mask(c: Ctx, ins: dict[str, ir.Value], a: S.Attention) -> ir.Value | None:
 LENGTH_ROPE = ("dynamic", "longrope")  # rope scalings whose frequencies follow the total length T
 
 
-def total_length(c: Ctx, ins: dict[str, ir.Value]) -> ir.Value:
+def total_length(c: Ctx, ins: dict[str, Value]) -> Value:
     """T as a float32 scalar: the attention mask's length (past and new), else S."""
     if "total.f" not in c.shared:
         t = positions(c, ins)[1]  # (T,)
-        c.shared["total.f"] = c.g.op("Cast", _scalar(c, c.g.op("Shape", t)), to=ir.DataType.FLOAT)
+        c.shared["total.f"] = c.g.op("Cast", _scalar(c, c.g.op("Shape", t)), to=DataType.FLOAT)
     return c.shared["total.f"]
 
 
-def length_inv_freq(c: Ctx, total: ir.Value, rotary: int, rope: S.Positions) -> tuple[ir.Value, float]:
+def length_inv_freq(c: Ctx, total: Value, rotary: int, rope: S.Positions) -> tuple[Value, float]:
     """The inverse frequencies (R/2,) float32 at total length T (a float32 scalar), and the factor on cos/sin.
 
     dynamic (NTK): base theta · (factor · L / original − (factor − 1))^(R/(R−2)) with L = max(T, original),
@@ -84,7 +84,7 @@ def length_inv_freq(c: Ctx, total: ir.Value, rotary: int, rope: S.Positions) -> 
     that wrote it, as in transformers' cached decoding."""
     g, sc, f32 = c.g, rope.scaling, np.float32
 
-    def k(v) -> ir.Value:
+    def k(v) -> Value:
         return g.const(np.asarray(v, dtype=f32), dtype=f32)
 
     if sc.kind == "longrope":
@@ -97,17 +97,17 @@ def length_inv_freq(c: Ctx, total: ir.Value, rotary: int, rope: S.Positions) -> 
     return g.op("Div", k(1.0), g.op("Pow", base, k(exps))), 1.0
 
 
-def angles_cos_sin(c: Ctx, pos: ir.Value, inv: ir.Value, attention: float) -> tuple[ir.Value, ir.Value]:
+def angles_cos_sin(c: Ctx, pos: Value, inv: Value, attention: float) -> tuple[Value, Value]:
     """cos and sin (…, R) in the graph's dtype of positions pos (…) int64 at inverse frequencies inv (R/2,)."""
     g = c.g
     inv = g.op("Concat", inv, inv, axis=0)  # (R,)
-    ang = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=ir.DataType.FLOAT), g.ints(-1)), inv)  # (…, R)
+    ang = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=DataType.FLOAT), g.ints(-1)), inv)  # (…, R)
     scale = g.const(np.array(attention, dtype=np.float32), dtype=np.float32)
     out = (g.op(f, ang) for f in ("Cos", "Sin"))
     return tuple(g.op("Cast", g.op("Mul", t, scale) if attention != 1.0 else t, to=g.float) for t in out)
 
 
-def rope_cos_sin(c: Ctx, ins: dict[str, ir.Value], rotary: int, rope: S.Positions) -> tuple[ir.Value, ir.Value]:
+def rope_cos_sin(c: Ctx, ins: dict[str, Value], rotary: int, rope: S.Positions) -> tuple[Value, Value]:
     """cos and sin for the new positions: (S, R) without a cache, (B, 1, S, R) from position_ids with one."""
     key = ("rope", rotary, rope)
     if key in c.shared:
@@ -133,7 +133,7 @@ def rope_cos_sin(c: Ctx, ins: dict[str, ir.Value], rotary: int, rope: S.Position
         pos = ins.get("position_ids")
         if pos is None:
             pos = positions(c, ins)[0]
-        ang = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=ir.DataType.FLOAT), g.ints(-1)), inv)  # (…, S, R)
+        ang = g.op("Mul", g.op("Unsqueeze", g.op("Cast", pos, to=DataType.FLOAT), g.ints(-1)), inv)  # (…, S, R)
         scale = g.const(np.array(attention, dtype=np.float32), dtype=np.float32)
         out = tuple(g.op("Cast", g.op("Mul", g.op(f, ang), scale), to=g.float) for f in ("Cos", "Sin"))
         if "position_ids" in ins:
@@ -142,7 +142,7 @@ def rope_cos_sin(c: Ctx, ins: dict[str, ir.Value], rotary: int, rope: S.Position
     return out
 
 
-def apply_rope(c: Ctx, x: ir.Value, cos: ir.Value, sin: ir.Value, rotary: int, dim: int) -> ir.Value:
+def apply_rope(c: Ctx, x: Value, cos: Value, sin: Value, rotary: int, dim: int) -> Value:
     """Rotate the first R dims of x (B, n, S, K), dim i paired with i + R/2; dims R..K pass through."""
     g = c.g
 
@@ -156,8 +156,8 @@ def apply_rope(c: Ctx, x: ir.Value, cos: ir.Value, sin: ir.Value, rotary: int, d
     return g.op("Concat", y, part(x, rotary, dim), axis=-1) if rotary < dim else y
 
 
-def project(c: Ctx, i: int, a: S.Attention, h: ir.Value, name: str, heads: int, dim: int,
-            split: bool = True) -> ir.Value:
+def project(c: Ctx, i: int, a: S.Attention, h: Value, name: str, heads: int, dim: int,
+            split: bool = True) -> Value:
     """h (B, S, D) → (B, n, S, d) for q, k or v, with its q/k norm; (B, S, n·d) unless `split`."""
     g = c.g
     qk = a.qk_norm is not None and name in ("q", "k")
@@ -174,7 +174,7 @@ def project(c: Ctx, i: int, a: S.Attention, h: ir.Value, name: str, heads: int, 
     return g.op("Transpose", y, perm=[0, 2, 1, 3])
 
 
-def attend(c: Ctx, a: S.Attention, q: ir.Value, k: ir.Value, v: ir.Value, keep: ir.Value | None) -> ir.Value:
+def attend(c: Ctx, a: S.Attention, q: Value, k: Value, v: Value, keep: Value | None) -> Value:
     """Scaled dot-product attention: q (B, H, S, K), k (B, G, T, K), v (B, G, T, Dv) → (B, S, H·Dv).
 
     Opset ≥ 23: the Attention op (kv heads natively). Before: MatMul/Softmax with the query heads
@@ -209,8 +209,8 @@ def _swap_last(rank: int) -> list[int]:
     return list(range(rank - 2)) + [rank - 1, rank - 2]
 
 
-def attention(c: Ctx, i: int, a: S.Attention, h: ir.Value, ins: dict[str, ir.Value],
-              past: tuple[ir.Value, ir.Value] | None = None) -> tuple[ir.Value, tuple[ir.Value, ir.Value] | None]:
+def attention(c: Ctx, i: int, a: S.Attention, h: Value, ins: dict[str, Value],
+              past: tuple[Value, Value] | None = None) -> tuple[Value, tuple[Value, Value] | None]:
     """One attention sublayer, h (B, S, D) → (B, S, D); with a cache, also present key (B, G, T, K) and
     value (B, G, T, Dv): the past with the new keys (after rope, kv heads not expanded) appended."""
     g = c.g

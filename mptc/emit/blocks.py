@@ -9,11 +9,11 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx_ir as ir
 
 from .. import spec as S
 from .. import tables
-from .graph import MS, Graph
+from .graph import MS, NP_DTYPES, DataType, Graph, Value
+from .tensors import interleaved, transposed_experts
 from .weights import Weights
 
 
@@ -29,7 +29,7 @@ class Ctx:
     max_length: int | None = None
     shared: dict = field(default_factory=dict)  # per-forward values built once (shapes, masks, tables)
 
-    def w(self, name: str, transpose: bool = False) -> ir.Value:
+    def w(self, name: str, transpose: bool = False) -> Value:
         return self.g.weight(name, self.weights[name], transpose=transpose)
 
     def has(self, name: str) -> bool:
@@ -41,14 +41,14 @@ class Ctx:
         return self.profile == "genai"
 
 
-def linear(c: Ctx, x: ir.Value, name: str) -> ir.Value:
+def linear(c: Ctx, x: Value, name: str) -> Value:
     """x (…, in) @ Wᵀ + b → (…, out); the weight is stored transposed, as MatMul reads it."""
     y = c.g.op("MatMul", x, c.w(f"{name}.weight", transpose=True))
     return c.g.op("Add", y, c.w(f"{name}.bias")) if c.has(f"{name}.bias") else y
 
 
 # --- norms ---
-def norm(c: Ctx, x: ir.Value, n: S.Norm, name: str) -> ir.Value:
+def norm(c: Ctx, x: Value, n: S.Norm, name: str) -> Value:
     """A norm over the last axis; math in float32 (stash_type 1) for float16 graphs."""
     g, w = c.g, c.w(f"{name}.weight")
     if n.kind == "layernorm":
@@ -58,7 +58,7 @@ def norm(c: Ctx, x: ir.Value, n: S.Norm, name: str) -> ir.Value:
         return g.op("SimplifiedLayerNormalization", x, w, axis=-1, epsilon=n.eps, stash_type=1)
     if g.opset >= 23:
         return g.op("RMSNormalization", x, w, axis=-1, epsilon=n.eps, stash_type=1)
-    xf = g.op("Cast", x, to=ir.DataType.FLOAT) if g.dtype != "float32" else x
+    xf = g.op("Cast", x, to=DataType.FLOAT) if g.dtype != "float32" else x
     ms = g.op("ReduceMean", g.op("Mul", xf, xf), g.ints(-1), keepdims=1)  # (…, 1)
     eps = g.const(n.eps, dtype=np.float32)
     y = g.op("Div", xf, g.op("Sqrt", g.op("Add", ms, eps)))
@@ -67,7 +67,7 @@ def norm(c: Ctx, x: ir.Value, n: S.Norm, name: str) -> ir.Value:
     return g.op("Mul", y, w)
 
 
-def add_norm(c: Ctx, x: ir.Value, y: ir.Value, n: S.Norm | None, name: str | None) -> tuple[ir.Value, ir.Value | None]:
+def add_norm(c: Ctx, x: Value, y: Value, n: S.Norm | None, name: str | None) -> tuple[Value, Value | None]:
     """The residual sum x + y and its norm (None without one); one fused node in the GenAI profile."""
     if n is None:
         return c.g.op("Add", x, y), None
@@ -84,7 +84,7 @@ def add_norm(c: Ctx, x: ir.Value, y: ir.Value, n: S.Norm | None, name: str | Non
 
 
 # --- activations ---
-def act(c: Ctx, x: ir.Value, kind: str) -> ir.Value:
+def act(c: Ctx, x: Value, kind: str) -> Value:
     g = c.g
     if kind == "relu":
         return g.op("Relu", x)
@@ -105,7 +105,7 @@ def act(c: Ctx, x: ir.Value, kind: str) -> ir.Value:
     return g.op("Mul", half, g.op("Add", inner, g.const(1.0)))
 
 
-def mlp(c: Ctx, i: int, m: S.MLP, h: ir.Value) -> ir.Value:
+def mlp(c: Ctx, i: int, m: S.MLP, h: Value) -> Value:
     """(B, S, D) → (B, S, D): a dense MLP, or a mixture of experts (with its shared expert)."""
     pre = f"layers.{i}.mlp"
     if not m.moe:
@@ -126,7 +126,7 @@ def mlp(c: Ctx, i: int, m: S.MLP, h: ir.Value) -> ir.Value:
     return c.g.op("Add", y, s)
 
 
-def dense_mlp(c: Ctx, pre: str, m: S.MLP, h: ir.Value) -> ir.Value:
+def dense_mlp(c: Ctx, pre: str, m: S.MLP, h: Value) -> Value:
     """(B, S, D) → (B, S, D): up (and gate), activation, down."""
     up = linear(c, h, f"{pre}.up")  # (B, S, F)
     if m.gated:
@@ -146,7 +146,7 @@ def moe_op_fits(c: Ctx, m: S.MLP) -> bool:
     return c.profile == "genai" and c.g.dtype == "float32" and m.activation in MOE_ACTIVATIONS
 
 
-def moe_gates(c: Ctx, pre: str, m: S.MLP, h: ir.Value) -> ir.Value:
+def moe_gates(c: Ctx, pre: str, m: S.MLP, h: Value) -> Value:
     """Dense gates (B, S, E): softmax of the router logits, the top k kept (renormalised if `normalize`), zero
     elsewhere (as mptc.ops.moe_gates; TopK breaks ties by the lower index)."""
     g = c.g
@@ -157,68 +157,74 @@ def moe_gates(c: Ctx, pre: str, m: S.MLP, h: ir.Value) -> ir.Value:
     return g.op("ScatterElements", g.op("Mul", probs, g.const(0.0)), idx, top, axis=-1)
 
 
-def _experts_in(c: Ctx, name: str, e: int, f: int) -> ir.Value:
-    """Stacked input projections (E, F, D) as one MatMul weight (D, E·F) (ONNX Runtime folds the reshape)."""
-    g = c.g
-    return g.op("Transpose", g.op("Reshape", c.w(name), g.ints(e * f, -1)), perm=[1, 0])
+def _experts_in(c: Ctx, name: str, e: int, f: int) -> Value:
+    """Stacked input projections (E, F, D) as one MatMul weight (D, E·F), transposed when written (an
+    initializer, so the weight-only quantization sees it)."""
+    w = c.weights[name]
+    return c.g.weight(name, w.reshape(e * f, w.shape[-1]), transpose=True)
 
 
-def moe_dense(c: Ctx, pre: str, m: S.MLP, h: ir.Value) -> ir.Value:
+def _experts_out(c: Ctx, name: str) -> Value:
+    """Stacked output projections (E, D, F) as one MatMul weight (E·F, D): each expert transposed when written."""
+    return c.g.tensor(name, transposed_experts(c.weights[name], np.dtype(NP_DTYPES[c.g.dtype])))
+
+
+def moe_dense(c: Ctx, pre: str, m: S.MLP, h: Value) -> Value:
     """Every expert on every token, weighted by the dense gates: (B, S, D) → (B, S, D), as mptc's PyTorch
     graph computes it (one MatMul over all experts' hidden units per projection)."""
     g, e, f = c.g, m.experts, m.hidden
     gates = moe_gates(c, pre, m, h)  # (B, S, E)
 
-    def proj(name: str) -> ir.Value:  # (B, S, E·F)
+    def proj(name: str) -> Value:  # (B, S, E·F)
         y = g.op("MatMul", h, _experts_in(c, f"{pre}.experts.{name}.weight", e, f))
         bias = f"{pre}.experts.{name}.bias"
-        return g.op("Add", y, g.op("Reshape", c.w(bias), g.ints(-1))) if c.has(bias) else y
+        return g.op("Add", y, c.g.weight(bias, c.weights[bias].reshape(e * f))) if c.has(bias) else y  # (E·F,)
 
     up = proj("up")
     z = g.op("Mul", act(c, proj("gate"), S.GATED[m.activation]), up) if m.gated else act(c, up, m.activation)
     gz = g.op("Mul", g.op("Reshape", z, g.ints(0, 0, e, f)), g.op("Unsqueeze", gates, g.ints(-1)))  # (B, S, E, F)
-    down = g.op("Reshape", g.op("Transpose", c.w(f"{pre}.experts.down.weight"), perm=[0, 2, 1]), g.ints(e * f, -1))
+    down = _experts_out(c, f"{pre}.experts.down.weight")  # (E·F, D)
     y = g.op("MatMul", g.op("Reshape", gz, g.ints(0, 0, e * f)), down)  # (B, S, D)
     bias = f"{pre}.experts.down.bias"
     return g.op("Add", y, g.op("MatMul", gates, c.w(bias))) if c.has(bias) else y
 
 
-def _interleave(c: Ctx, a: ir.Value, b: ir.Value, axis: int, shape: tuple[int, ...]) -> ir.Value:
-    """Rows of a and b alternated along `axis` (a first), as the fused SwiGLU weight of MoE reads them."""
-    g = c.g
-    return g.op("Reshape", g.op("Concat", g.op("Unsqueeze", a, g.ints(axis + 1)),
-                                g.op("Unsqueeze", b, g.ints(axis + 1)), axis=axis + 1), g.ints(*shape))
+def _interleaved(c: Ctx, gate: str, up: str, name: str) -> Value:
+    """Stacked gate and up (E, F, …) as one initializer (E, 2F, …), their rows alternated per expert when
+    written (gate first), as the fused SwiGLU weight of MoE reads them (and QMoE quantizes them)."""
+    return c.g.tensor(name, interleaved(c.weights[gate], c.weights[up], np.dtype(NP_DTYPES[c.g.dtype])))
 
 
-def moe_op(c: Ctx, pre: str, m: S.MLP, h: ir.Value) -> ir.Value:
+def moe_op(c: Ctx, pre: str, m: S.MLP, h: Value) -> Value:
     """ONNX Runtime's `com.microsoft.MoE` (routing, top-k and the chosen experts only): (B, S, D) → (B, S, D).
     SwiGLU takes gate and up interleaved in one weight (E, 2F, D), the only form its CPU kernel reads."""
-    g, e, f, d = c.g, m.experts, m.hidden, c.spec.width
+    g, d = c.g, c.spec.width
     x = g.op("Reshape", h, g.ints(-1, d))  # (B·S, D)
     logits = g.op("MatMul", x, c.w(f"{pre}.router.weight", transpose=True))  # (B·S, E)
     ex = f"{pre}.experts"
-    bias = {n: c.w(f"{ex}.{n}.bias") if c.has(f"{ex}.{n}.bias") else None for n in ("up", "gate", "down")}
-    fc1, fc1_bias = c.w(f"{ex}.up.weight"), bias["up"]
+    bias = {n: c.has(f"{ex}.{n}.bias") for n in ("up", "down")}
     extra = {}
-    if m.gated:
-        fc1 = _interleave(c, c.w(f"{ex}.gate.weight"), fc1, 1, (e, 2 * f, d))
-        if fc1_bias is not None:
-            fc1_bias = _interleave(c, bias["gate"], fc1_bias, 1, (e, 2 * f))
+    if m.gated:  # (E, 2F, D), (E, 2F)
+        fc1 = _interleaved(c, f"{ex}.gate.weight", f"{ex}.up.weight", f"{ex}.gate_up.weight")
+        fc1_bias = _interleaved(c, f"{ex}.gate.bias", f"{ex}.up.bias", f"{ex}.gate_up.bias") if bias["up"] else None
         extra = {"swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0}
-    y = g.op("MoE", x, logits, fc1, fc1_bias, c.w(f"{ex}.down.weight"), bias["down"], domain=MS, k=m.top_k,
+    else:  # (E, F, D), (E, F)
+        fc1, fc1_bias = c.w(f"{ex}.up.weight"), c.w(f"{ex}.up.bias") if bias["up"] else None
+    fc2_bias = c.w(f"{ex}.down.bias") if bias["down"] else None  # (E, D)
+    y = g.op("MoE", x, logits, fc1, fc1_bias, c.w(f"{ex}.down.weight"), fc2_bias, domain=MS, k=m.top_k,
              activation_type=MOE_ACTIVATIONS[m.activation], normalize_routing_weights=int(m.normalize), **extra)
     return g.op("Reshape", y, g.op("Shape", h))  # (B, S, D)
 
 
 # --- shapes and embeddings ---
-def seq_len(c: Ctx, x: ir.Value | None = None) -> ir.Value:
+def seq_len(c: Ctx, x: Value | None = None) -> Value:
     """S as a (1,) int64 tensor, from the first value (B, S, …) it is asked with."""
     if "seq" not in c.shared:
         c.shared["seq"] = c.g.op("Shape", x, start=1, end=2)
     return c.shared["seq"]
 
 
-def patches(c: Ctx, pixels: ir.Value) -> ir.Value:
+def patches(c: Ctx, pixels: Value) -> Value:
     """(B, C, S, S) images → (B, N, D) patch embeddings (a Conv with stride = kernel), the class token first."""
     g, p, d = c.g, c.spec.patches, c.spec.width
     w = g.weight("embed.patch.weight", c.weights["embed.patch.weight"].reshape(d, p.channels, p.patch, p.patch))
@@ -232,7 +238,7 @@ def patches(c: Ctx, pixels: ir.Value) -> ir.Value:
     return x
 
 
-def embed(c: Ctx, ins: dict[str, ir.Value]) -> ir.Value:
+def embed(c: Ctx, ins: dict[str, Value]) -> Value:
     """Token (+ segment) (+ position) embeddings and the embedding norm: (B, S, D)."""
     g, e = c.g, c.spec.embed
     if "pixel_values" in ins:
@@ -253,7 +259,7 @@ def embed(c: Ctx, ins: dict[str, ir.Value]) -> ir.Value:
         if "position_ids" in ins:
             pos = g.op("Gather", table, ins["position_ids"], axis=0)  # (B, S, D)
         elif e.positions.skip_padding and "attention_mask" in ins:  # counted over the real tokens: cumsum − 1
-            mask = g.op("Cast", ins["attention_mask"], to=ir.DataType.INT64)
+            mask = g.op("Cast", ins["attention_mask"], to=DataType.INT64)
             ids = g.op("CumSum", mask, g.const(1, dtype=np.int64))  # (B, S)
             ids = g.op("Max", g.op("Sub", ids, g.const(1, dtype=np.int64)), g.const(0, dtype=np.int64))
             pos = g.op("Gather", table, ids, axis=0)  # (B, S, D)
@@ -279,7 +285,7 @@ def rope_table(pos: S.Positions, rotary: int, rows: int) -> tuple[np.ndarray, np
 
 
 # --- heads ---
-def softcap(c: Ctx, x: ir.Value) -> ir.Value:
+def softcap(c: Ctx, x: Value) -> Value:
     """cap · tanh(x / cap) with the head's soft cap (x itself without one)."""
     cap = c.spec.head.softcap
     if cap is None:
@@ -287,7 +293,7 @@ def softcap(c: Ctx, x: ir.Value) -> ir.Value:
     return c.g.op("Mul", c.g.op("Tanh", c.g.op("Div", x, c.g.const(cap))), c.g.const(cap))
 
 
-def head(c: Ctx, x: ir.Value, mask: ir.Value | None) -> ir.Value:
+def head(c: Ctx, x: Value, mask: Value | None) -> Value:
     """The head on the final hidden states x (B, S, D), already normed: logits or x itself."""
     g, hd = c.g, c.spec.head
     if hd.kind == "none":
@@ -313,7 +319,7 @@ def head(c: Ctx, x: ir.Value, mask: ir.Value | None) -> ir.Value:
         t = g.op("Squeeze", seq_len(c), g.ints(0))
         ar = g.op("Range", g.const(np.array(0, dtype=np.int64)), t, g.const(np.array(1, dtype=np.int64)))  # (S,)
         zero = g.const(np.array(0, dtype=np.int64))
-        real = g.op("Cast", g.op("Not", g.op("Equal", mask, zero)), to=ir.DataType.INT64)  # (B, S)
+        real = g.op("Cast", g.op("Not", g.op("Equal", mask, zero)), to=DataType.INT64)  # (B, S)
         idx = g.op("ArgMax", g.op("Mul", ar, real), axis=-1, keepdims=1)  # (B, 1)
         x = g.op("GatherND", x, idx, batch_dims=1)  # (B, D)
     elif mask is None:

@@ -11,18 +11,17 @@ paths write the same bytes.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from .. import spec as S
 from ..atomic import atomic_onnx, check_onnx_output
 from ..errors import MptcError
 from ..files import SPEC_FILE, WEIGHTS_FILE, load
 from . import Emitted, emit, unsupported
+from .model import LazyModel
 from .weights import Weight, check, expected, from_safetensors, stored_dtypes
 
 __all__ = ["BIG", "check_graph", "compile_onnx", "covers", "is_model_dir", "read_model_dir", "write_onnx"]
@@ -53,37 +52,15 @@ def read_model_dir(src: str | os.PathLike, spec: S.Spec | None = None) -> tuple[
     return spec, weights
 
 
-def check_graph(model: ir.Model) -> None:
+def check_graph(model: LazyModel) -> None:
     """`onnx.checker` (full check: ops, types, shape inference) on the graph with every weight as a reference
     (name, dtype, shape) rather than its bytes, so a 500 MB model is checked without being held in memory.
-    The bytes themselves are written from arrays of exactly those dtypes and shapes (`write_onnx`)."""
-    g = model.graph
-    inits = list(g.initializers.values())
-    lazy = [v for v in inits if isinstance(v.const_value, ir.LazyTensor)]
-    for v in lazy:
-        g.initializers.pop(v.name)
+    The bytes themselves are written from arrays of exactly those dtypes and shapes (`LazyModel.save`)."""
     try:
-        proto = ir.to_proto(model)
-    finally:
-        g.initializers.clear()
-        for v in inits:
-            g.register_initializer(v)
-    offset = 0
-    for v in lazy:
-        t = proto.graph.initializer.add(name=v.name, dims=list(v.shape), data_type=int(v.const_value.dtype),
-                                        data_location=onnx.TensorProto.EXTERNAL)
-        n = v.const_value.nbytes
-        for key, value in (("location", "weights.data"), ("offset", offset), ("length", n)):
-            t.external_data.add(key=key, value=str(value))
-        offset += n
-    try:
-        with tempfile.TemporaryDirectory() as d:  # the checker looks at the data file: a sparse one stands in
-            with open(Path(d) / "weights.data", "wb") as f:
-                f.truncate(offset)
-            onnx.save_model(proto, str(Path(d) / "graph.onnx"))
-            onnx.checker.check_model(str(Path(d) / "graph.onnx"), full_check=True)
+        model.check()
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise MptcError(f"the emitted graph of '{g.name}' fails onnx.checker: {str(e).strip().splitlines()[0]}",
+        raise MptcError(f"the emitted graph of '{model.graph.name}' fails onnx.checker: "
+                        f"{str(e).strip().splitlines()[0]}",
                         hint="this is a bug in mptc's emitter; `mptc compile` traces the model instead if the "
                         "emitter is bypassed") from None
 

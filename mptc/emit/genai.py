@@ -9,13 +9,12 @@ and values to the past and attends causally (within `local_window_size` for wind
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 
 from .. import spec as S
 from .. import tables
 from .attention import attention_scale, length_inv_freq, project, total_length
 from .blocks import Ctx, linear, rope_table
-from .graph import MS
+from .graph import MS, Branch, DataType, Value
 
 
 def fallback_reason(spec: S.Spec, a: S.Attention) -> str | None:
@@ -33,18 +32,18 @@ def fallback_reason(spec: S.Spec, a: S.Attention) -> str | None:
     return None
 
 
-def lengths(c: Ctx, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
+def lengths(c: Ctx, mask: Value) -> tuple[Value, Value]:
     """seqlens_k = Σ mask − 1 per row (B,) and total_sequence_length = T (), both int32."""
     if "gqa.lengths" not in c.shared:
         g = c.g
         total = g.op("ReduceSum", mask, g.ints(1), keepdims=0)  # (B,)
-        seqlens = g.op("Cast", g.op("Sub", total, g.const(np.array(1, dtype=np.int64))), to=ir.DataType.INT32)
+        seqlens = g.op("Cast", g.op("Sub", total, g.const(np.array(1, dtype=np.int64))), to=DataType.INT32)
         t = g.op("Gather", g.op("Shape", mask), g.const(np.array(1, dtype=np.int64)), axis=0)  # ()
-        c.shared["gqa.lengths"] = (seqlens, g.op("Cast", t, to=ir.DataType.INT32))
+        c.shared["gqa.lengths"] = (seqlens, g.op("Cast", t, to=DataType.INT32))
     return c.shared["gqa.lengths"]
 
 
-def caches(c: Ctx, rotary: int, rope: S.Positions, ins: dict[str, ir.Value]) -> tuple[ir.Value, ir.Value]:
+def caches(c: Ctx, rotary: int, rope: S.Positions, ins: dict[str, Value]) -> tuple[Value, Value]:
     """cos_cache and sin_cache (max_length, R/2): the first half of the rotate-half tables; for a rope whose
     frequencies follow the total length, chosen (longrope) or computed (dynamic) in the graph from it."""
     key = ("gqa.rope", rotary, rope)
@@ -63,7 +62,7 @@ def caches(c: Ctx, rotary: int, rope: S.Positions, ins: dict[str, ir.Value]) -> 
     return c.shared[key]
 
 
-def _longrope_caches(c: Ctx, rotary: int, rope: S.Positions, ins: dict[str, ir.Value]) -> tuple[ir.Value, ir.Value]:
+def _longrope_caches(c: Ctx, rotary: int, rope: S.Positions, ins: dict[str, Value]) -> tuple[Value, Value]:
     """LongRoPE as GenAI's model builder writes it: short and long cos/sin caches (max_length, R/2), times
     `attention`, and an If on T > original that hands the kernel one pair."""
     g, sc, h = c.g, rope.scaling, rotary // 2
@@ -74,19 +73,16 @@ def _longrope_caches(c: Ctx, rotary: int, rope: S.Positions, ins: dict[str, ir.V
                                                                               sin[:, :h]))
     beyond = g.op("Greater", total_length(c, ins), g.const(np.array(sc.original, dtype=np.float32), dtype=np.float32))
 
-    def branch(name: str) -> ir.Graph:
-        nodes = [ir.node("Identity", [v]) for v in pairs[name]]
-        outs = [n.outputs[0] for n in nodes]
-        for o, v in zip(outs, pairs[name], strict=True):
-            o.name, o.type, o.shape = f"{v.name}_{name}_out", ir.TensorType(g.float), ir.Shape([c.max_length, h])
-        return ir.Graph([], outs, nodes=nodes, name=f"rope_{name}_{rotary}")
+    def branch(name: str) -> Branch:
+        return Branch(f"rope_{name}_{rotary}", pairs[name], tuple(f"{v.name}_{name}_out" for v in pairs[name]),
+                      (c.max_length, h))
 
     cos, sin = g.ops("If", beyond, n=2, then_branch=branch("long"), else_branch=branch("short"))
     return cos, sin
 
 
-def attention(c: Ctx, i: int, a: S.Attention, h: ir.Value, ins: dict[str, ir.Value],
-              past: tuple[ir.Value, ir.Value]) -> tuple[ir.Value, tuple[ir.Value, ir.Value]]:
+def attention(c: Ctx, i: int, a: S.Attention, h: Value, ins: dict[str, Value],
+              past: tuple[Value, Value]) -> tuple[Value, tuple[Value, Value]]:
     """h (B, S, D) → (B, S, D), with present key and value (B, G, T, K)."""
     g, pre = c.g, f"layers.{i}.attn"
     if a.qk_norm is None:  # one MatMul for q, k and v

@@ -1,7 +1,7 @@
 """Weights for the emitter without torch: a name → `Weight` mapping whose values are read one at a time.
 
 A `Weight` knows its shape and dtype up front and reads its values only when `load()` is called, which
-the emitter does inside an onnx-ir `LazyTensor` while the model is written: so one tensor (and a strip
+the emitter does inside a `Streamed` tensor (`mptc.emit.tensors`) while the model is written: so one tensor (and a strip
 of its transposed or cast copy) is in memory at a time. Two sources:
 
 - `from_safetensors(path)`: a model dir's `weights.safetensors`, header parsed here, each tensor a
