@@ -63,7 +63,7 @@ class Scheme:
         moe = ([f"{_layers(qmoe)} as QMoE (int{self.bits} experts, block {self.block})"] if qmoe else []) + (
             [f"{_layers(dense_moe)} dense, the experts among the MatMulNBits"] if dense_moe else []) + (
             [f"{_layers(float_moe)} float (width or hidden not a multiple of {self.block})"] if float_moe else [])
-        moe_part = f"mixture of experts: {', '.join(moe)}; " if moe else ""
+        moe_part = f"mixture of experts: {', '.join(moe)}, routers float; " if moe else ""
         return (f"int{self.bits} weights: {matmuls} MatMuls as MatMulNBits (symmetric, block {self.block}), "
                 f"accuracy level {self.accuracy}{acts}; {moe_part}embeddings and norms float, "
                 f"lm head {'quantized' if head else 'float'}")
@@ -197,11 +197,15 @@ class Quantized:
         return self.scheme.describe(self.matmuls, self.head, self.qmoe, self.dense_moe, self.float_moe)
 
 
+FLOAT_SUFFIXES = (".bias", ".router.weight")  # by the emitter's names: weights a MatMul reads that stay float
+
+
 def _weights(model: LazyModel) -> dict[str, tuple[int, int]]:
-    """The float32 (K, N) initializers of `model`, by name: the weights MatMulNBits takes (not a bias: the dense
-    mixture's down bias is a product gates (…, E) @ bias (E, D), left float)."""
+    """The float32 (K, N) initializers of `model`, by name: the weights MatMulNBits takes. Not a bias (the dense
+    mixture's down bias is a product gates (…, E) @ bias (E, D)) nor a mixture's router (D, E): its logits pick the
+    experts, a rounding there moves tokens to other experts, and it is E·D values of a layer's E·3·F·D."""
     return {t.name: tuple(t.dims) for t in model.graph.initializer
-            if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and not t.name.endswith(".bias")}
+            if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and not t.name.endswith(FLOAT_SUFFIXES)}
 
 
 def _head_matmul(graph: onnx.GraphProto, output: str) -> onnx.NodeProto | None:
