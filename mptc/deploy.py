@@ -333,16 +333,20 @@ def _json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def write_encoder(out: str | os.PathLike, model, weights: str) -> Deployed:
-    """An encoder or classifier as `mptc compile` writes it (torch.onnx; no cache), in a deploy dir."""
+def write_encoder(out: str | os.PathLike, src, weights: str, spec: S.Spec | None = None) -> Deployed:
+    """An encoder or classifier as `mptc compile` writes it (no cache), in a deploy dir: from a model dir the
+    emitter covers without torch (`mptc.emit.fast`), else traced through torch.onnx."""
 
+    name = (spec or _spec(src)).name
     if weights in ("int8", "int4"):
-        raise MptcError(f"--weights {weights} applies to decoders; '{_spec(model).name}' is an encoder",
+        raise MptcError(f"--weights {weights} applies to decoders; '{name}' is an encoder",
                         hint="deploy it with --weights float32 or float16")
     with atomic_dir(out, kind="deploy") as tmp:
-        mptc.export_onnx(model, tmp / GRAPH, external_data=True)
-        _json(tmp / "deploy.json", {"name": _spec(model).name, "runtime": None, "weights": weights,
-                                    "decoder": False})
+        fast_dir = isinstance(src, (str, os.PathLike)) and fast.compile_onnx(src, tmp / GRAPH, dtype=weights,
+                                                                               external_data=True)
+        if not fast_dir:
+            mptc.export_onnx(_load(src, weights), tmp / GRAPH, external_data=True)
+        _json(tmp / "deploy.json", {"name": name, "runtime": None, "weights": weights, "decoder": False})
         sizes = _sizes(tmp)
     return Deployed(Path(out), None, weights, False, sizes=sizes)
 
@@ -358,7 +362,7 @@ def deploy(src, out: str | os.PathLike, runtime: str = "genai", weights: str = "
     check_output(out, "deploy", is_dir=True)  # before any work
     spec = _spec(src) if _is_module(src) else _read_spec(src)
     if not is_decoder(spec):
-        done = write_encoder(out, _load(src, weights), weights)
+        done = write_encoder(out, src, weights, spec)
     else:
         context = max_length_for(spec, max_length)
         model, source = _decoder(src, runtime)

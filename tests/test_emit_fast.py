@@ -226,3 +226,26 @@ def test_the_check_sees_a_bad_graph_without_its_weights():
     em.model.graph.node.append(onnx.helper.make_node("NoSuchOp", [x], ["bad"]))
     with pytest.raises(MptcError, match="fails onnx.checker: .*NoSuchOp"):
         check_graph(em.model)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_an_encoder_deploys_from_a_model_dir_without_torch(dtype, tmp_path):
+    """`mptc deploy DIR` of an encoder (a BERT classifier): the no-cache ONNX of `mptc compile`, written by the
+    torch-free path; the same file the PyTorch path writes, and PyTorch's logits within tolerance."""
+    m, d = _model_dir("bert", tmp_path)
+    out = tmp_path / "dep"
+    res = subprocess.run([sys.executable, "-c", DRIVER, "deploy", str(d), "-o", str(out), "--weights", dtype],
+                         capture_output=True, text=True)
+    assert res.stdout.split()[-2:] == ["NONE", "0"], res.stderr[-2000:]
+    assert "encoder: ONNX only, no cache" in res.stdout
+    assert json.loads((out / "deploy.json").read_text())["decoder"] is False
+    traced = tmp_path / "traced"
+    deploy(mptc.load_model(d, dtype=dtype), traced, weights=dtype)  # a module: the PyTorch path
+    assert (out / "model.onnx.data").read_bytes() == (traced / "model.onnx.data").read_bytes()
+    spec = mptc.spec_of(m)
+    feeds = {k: v.numpy() for k, v in mptc.example_inputs(spec, batch=2, seq=7).items()}
+    got = session(onnx.load(str(out / "model.onnx"))).run(None, feeds)[0]
+    m = m.half() if dtype == "float16" else m
+    with torch.no_grad():
+        ref = m(**{k: torch.from_numpy(v) for k, v in feeds.items()}).float().numpy()
+    np.testing.assert_allclose(got.astype(np.float32), ref, atol=1e-2 if dtype == "float16" else 1e-4)
