@@ -39,7 +39,7 @@ from .files import WEIGHTS_FILE, load
 from .genai import CacheLayer, genai_config
 from .graph import spec_of
 from .outputs import check_output
-from .quantize import quantize_graph
+from .quantize import BLOCK, quantize_graph
 from .tokens import TOKEN_KEYS, special_tokens
 
 RUNTIMES = ("genai", "portable")
@@ -230,7 +230,9 @@ def emit_decoder(model, runtime: str, weights: str, max_length: int, source=None
     spec = _spec(model)
     _refuse_unsupported(spec, runtime)
     dtype = "float16" if weights == "float16" else "float32"
-    emitted = _emitter().emit(model, weights=source, cache=True, profile=runtime, dtype=dtype, max_length=max_length)
+    block = BLOCK if weights in ("int8", "int4") else None  # MoE layers QMoE cannot take: the dense form
+    emitted = _emitter().emit(model, weights=source, cache=True, profile=runtime, dtype=dtype, max_length=max_length,
+                              quant_block=block)
     return emitted, _cache_layers(emitted), [str(n) for n in getattr(emitted, "notes", [])]
 
 

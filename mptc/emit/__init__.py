@@ -175,12 +175,15 @@ def _features(spec: S.Spec, found: dict[str, list[str]]) -> None:
 
 # --- emission ---
 def emit(model, *, weights: Weights | None = None, cache: bool = False, profile: str = "portable",
-         dtype: str = "float32", opset: int | None = None, max_length: int | None = None) -> Emitted:
+         dtype: str = "float32", opset: int | None = None, max_length: int | None = None,
+         quant_block: int | None = None) -> Emitted:
     """The ONNX graph of a model, written from its spec and weights (docs/onnx.md).
 
     model: a GraphModule (its spec and parameters), or a Spec with `weights` (name → `Weight`, read when
     the model is written: `mptc.emit.weights.from_safetensors`; checked with `weights.check`).
     max_length: rows of the rotary tables (the longest sequence the file serves); the context by default.
+    quant_block: the block of a weight-only quantization that will follow (`mptc.quantize`): a mixture-of-experts
+    layer its QMoE could not take is written in the dense form, so its experts are quantized as MatMulNBits.
     """
     if isinstance(model, S.Spec):
         if weights is None:
@@ -202,7 +205,7 @@ def emit(model, *, weights: Weights | None = None, cache: bool = False, profile:
         raise MptcError(f"model '{spec.name}' has no context: the genai profile needs max_length for its rotary "
                         "caches", hint="pass max_length=N (the longest sequence it will serve)")
     spec, weights, skip = active(model, spec, weights)  # a nested model: the sub-network it runs now
-    c = Ctx(Graph(opset, dtype), spec, weights, profile, cache, max_length)
+    c = Ctx(Graph(opset, dtype), spec, weights, profile, cache, max_length, quant_block)
     out = Emitted(model=None)  # the model is set once the graph is complete
     ins = _inputs(c, out)
     x = embed(c, ins)  # (B, S, D)

@@ -27,6 +27,7 @@ class Ctx:
     profile: str = "portable"  # portable | genai
     cache: bool = False
     max_length: int | None = None
+    quant_block: int | None = None  # the block of a weight-only quantization to follow (int4/int8), else None
     shared: dict = field(default_factory=dict)  # per-forward values built once (shapes, masks, tables)
 
     def w(self, name: str, transpose: bool = False) -> Value:
@@ -110,13 +111,11 @@ def mlp(c: Ctx, i: int, m: S.MLP, h: Value) -> Value:
     pre = f"layers.{i}.mlp"
     if not m.moe:
         return dense_mlp(c, pre, m, h)
-    if moe_op_fits(c, m):
+    if moe_op_fits(c, m) and not _qmoe_misfit(c, m):
         y = moe_op(c, pre, m, h)  # (B, S, D)
     else:
         if c.profile == "genai":
-            why = f"activation {m.activation}" if m.activation not in MOE_ACTIVATIONS else f"dtype {c.g.dtype}"
-            c.shared.setdefault("notes", []).append(
-                f"layer {i}: dense mixture of experts ({why}: com.microsoft.MoE's CPU kernel does not compute it)")
+            c.shared.setdefault("notes", []).append(f"layer {i}: dense mixture of experts ({_dense_why(c, m)})")
         y = moe_dense(c, pre, m, h)  # (B, S, D)
     if m.shared is None:
         return y
@@ -138,6 +137,20 @@ def dense_mlp(c: Ctx, pre: str, m: S.MLP, h: Value) -> Value:
 
 # --- mixture of experts ---
 MOE_ACTIVATIONS = {"relu": "relu", "silu": "silu", "gelu_tanh": "gelu", "swiglu": "swiglu"}  # com.microsoft.MoE's
+
+
+def _qmoe_misfit(c: Ctx, m: S.MLP) -> bool:
+    """Whether a quantization to follow would leave this MoE layer float: QMoE's blocks must divide the width and
+    the experts' hidden size (the dense form's MatMulNBits pad a partial block)."""
+    return c.quant_block is not None and (c.spec.width % c.quant_block != 0 or m.hidden % c.quant_block != 0)
+
+
+def _dense_why(c: Ctx, m: S.MLP) -> str:
+    if m.activation not in MOE_ACTIVATIONS or c.g.dtype != "float32":
+        why = f"activation {m.activation}" if m.activation not in MOE_ACTIVATIONS else f"dtype {c.g.dtype}"
+        return f"{why}: com.microsoft.MoE's CPU kernel does not compute it"
+    return (f"width {c.spec.width}, hidden {m.hidden}: QMoE needs multiples of {c.quant_block}, so the experts are "
+            "quantized as MatMulNBits")
 
 
 def moe_op_fits(c: Ctx, m: S.MLP) -> bool:
